@@ -1,0 +1,145 @@
+"""Any ``torch.nn.Module`` cut at a named layer is a representation (paper section 4.2).
+
+``ModuleCut(model, "features.8")`` evaluates ``model`` in evaluation mode, without weight
+gradients, and stops the computation as soon as the module whose dotted name is
+``features.8`` has produced its output: a forward hook captures it and aborts the rest of
+the forward pass.  The hook is attached for the call only and removed in ``finally``, so
+hooks never pile up, even when the model raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Geometry, Representation, RepresentationError
+
+
+class _Stop(Exception):
+    def __init__(self, output: Tensor) -> None:
+        self.output = output
+
+
+def _capture(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+    raise _Stop(output)
+
+
+def named_layers(model: nn.Module) -> list[str]:
+    """The dotted names that :class:`ModuleCut` accepts (every sub-module)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+class ModuleCut(Representation):
+    """Φ = the output of ``layer`` of ``model`` (dotted module name, e.g. ``"features.8"``).
+
+    Args:
+        model: any module taking ``(N, in_channels, H, W)``.
+        layer: dotted name of the sub-module whose output is the code; ``""`` or ``None``
+            means the whole model.
+        mean, std, scale, bgr: the model's input convention.  The engine always works in
+            0..255 units minus the mean, so that the paper's constants (B = 80, ...) keep their
+            meaning; ``forward`` divides by ``std`` before calling the model.  The defaults are
+            torchvision's ImageNet normalization ((photo - 0.485) / 0.229, ... expressed in
+            0..255 units); for Caffe models pass ``mean=(104, 117, 123), std=(1, 1, 1), bgr=True``.
+        geometry: stride and receptive field; measured by :func:`probe_geometry` if omitted.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None,
+        *,
+        in_channels: int = 3,
+        mean: Sequence[float] = (123.675, 116.28, 103.53),
+        std: Sequence[float] = (58.395, 57.12, 57.375),
+        scale: float = 255.0,
+        bgr: bool = False,
+        geometry: Geometry | None = None,
+        name: str | None = None,
+        probe_size: int = 224,
+    ) -> None:
+        self.in_channels = in_channels
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        layer = layer or ""
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            names = named_layers(model)
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise RepresentationError(f"unknown layer {layer!r}; the model's layers are: {shown}")
+        self.layer = layer
+        self._target = modules[layer]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32), persistent=False)
+        self.scale, self.bgr = float(scale), bgr
+        self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
+        self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
+
+    def train(self, mode: bool = True) -> "ModuleCut":
+        """The cut model stays in evaluation mode (dropout off, batch-norm statistics frozen)."""
+        super().train(False)
+        return self
+
+    def config(self) -> dict[str, object]:
+        return {"layer": self.layer, "model": type(self.model).__name__}
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = x / self.std.to(x).view(1, -1, 1, 1)
+        if self.layer == "":
+            return self.model(x)
+        handle = self._target.register_forward_hook(_capture)
+        try:
+            self.model(x)
+        except _Stop as stop:
+            return stop.output
+        finally:
+            handle.remove()
+        raise RepresentationError(f"layer {self.layer!r} was never called by the model's forward")
+
+
+@torch.no_grad()
+def _out_size(rep: ModuleCut, size: int, device: torch.device) -> int:
+    z = torch.zeros(1, rep.in_channels, size, size, device=device)
+    out = rep(z)
+    return out.shape[-1] if out.dim() == 4 else 1
+
+
+def probe_geometry(rep: ModuleCut, size: int = 224) -> Geometry:
+    """Measure stride and receptive field of a cut by probing it (for arbitrary modules).
+
+    Stride: how much the output map grows when the input grows by 64 pixels.  Receptive field:
+    the extent of the input pixels on which the central output location depends (non-zero
+    gradient of that location's channels w.r.t. a random input, three inputs united).
+    """
+    device = next((t.device for t in list(rep.parameters()) + list(rep.buffers())), torch.device("cpu"))
+    try:
+        a, b = _out_size(rep, size, device), _out_size(rep, size + 64, device)
+    except RepresentationError:
+        raise
+    except Exception as exc:  # a model that rejects the probe size: report, don't crash deep inside
+        raise RepresentationError(f"could not run the model on a {size}x{size} probe: {exc}") from None
+    stride = max(1, round(64 / (b - a))) if b > a else size
+    support = torch.zeros(size, size, dtype=torch.bool, device=device)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = (torch.randn(1, rep.in_channels, size, size, generator=g) * 50).to(device).requires_grad_(True)
+        with torch.enable_grad():
+            out = rep(x)
+            if out.dim() == 4:
+                unit = out[0, :, out.shape[2] // 2, out.shape[3] // 2]
+            else:
+                unit = out.reshape(-1)
+            unit.abs().sum().backward()
+        support |= (x.grad[0].abs().sum(0) > 0)
+    rows = support.any(1).nonzero()
+    cols = support.any(0).nonzero()
+    if len(rows) == 0:
+        rf = 1
+    else:
+        rf = int(max(rows.max() - rows.min(), cols.max() - cols.min())) + 1
+    return Geometry(stride=int(stride), receptive_field=rf)

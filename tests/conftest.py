@@ -1,0 +1,43 @@
+"""Shared fixtures: small real photos (scikit-image's bundled ones) and the shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+IMAGENET = SHARED / "images" / "imagenet-sample"
+
+
+def photo(name: str = "astronaut", size: int = 64) -> torch.Tensor:
+    """A bundled scikit-image photo, shorter side resized to ``size``, centre-cropped, (3, s, s) in [0, 1]."""
+    from skimage import data
+
+    from preimage.io import resize_crop
+
+    a = getattr(data, name)()
+    im = Image.fromarray(a).convert("RGB")
+    im = resize_crop(im, size)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture
+def imagenet_dir() -> Path:
+    if not IMAGENET.is_dir():
+        pytest.skip(f"shared ImageNet sample not found at {IMAGENET}")
+    return IMAGENET
+
+
+def tiny_cnn(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=2, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+    )

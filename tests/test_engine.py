@@ -1,0 +1,139 @@
+"""The engine and the three visualizations on a small CNN built here (nothing downloaded)."""
+
+import pytest
+import torch
+
+from preimage import (
+    ModuleCut,
+    ObjectiveError,
+    RepresentationError,
+    Settings,
+    caricature,
+    invert,
+    maximize,
+)
+from preimage.engine import noise_init
+
+from .conftest import photo, tiny_cnn
+
+FAST = Settings(iterations=60, fine_iterations=10)
+
+
+@pytest.fixture
+def rep():
+    return ModuleCut(tiny_cnn(), "3")
+
+
+def test_geometry_is_probed(rep):
+    # conv5/s2 -> pool2 -> conv3: stride 4, receptive field 5 + (2-1)*2 + (3-1)*4 = 15
+    assert rep.geometry.stride == 4
+    assert rep.geometry.receptive_field == 15
+    assert rep.geometry.jitter == 1
+
+
+def test_noise_init_95th_percentile_is_B_over_sqrt3():
+    x = noise_init((3, 50, 50), seed=3, scale=80 / 3**0.5)
+    assert torch.quantile(x.flatten(), 0.95).item() == pytest.approx(80 / 3**0.5, rel=1e-5)
+
+
+def test_invert_reduces_error_and_returns_everything(rep):
+    img = photo(size=48)[None]
+    r = invert(rep, img, seeds=[0, 1], settings=FAST.replace(C=100))
+    assert r.images.shape == (2, 3, 48, 48) and r.x.shape == (2, 3, 48, 48)
+    assert set(r.energy) == {"loss", "bounded_range", "tv", "total"}
+    assert r.energy["total"].shape == (70, 2)
+    assert (r.error < 0.6).all(), r.error  # from noise (error ~1) to a reconstruction
+    assert r.energy["loss"][-1].mean() < r.energy["loss"][0].mean() / 3
+    assert r.elements == [{"image": 0, "seed": 0}, {"image": 0, "seed": 1}]
+    assert r.config["settings"]["C"] == 100 and r.config["settings"]["eta0"] == pytest.approx(0.01 * 80**2 / 6)
+    assert r.config["stages"][1] == {"iterations": 10, "lr_factor": 0.1, "jitter": False}
+
+
+def test_same_seed_same_output_on_cpu(rep):
+    img = photo(size=32)[None]
+    a = invert(rep, img, seeds=[5], settings=FAST.replace(jitter=2))
+    b = invert(rep, img, seeds=[5], settings=FAST.replace(jitter=2))
+    c = invert(rep, img, seeds=[6], settings=FAST.replace(jitter=2))
+    assert torch.equal(a.x, b.x)
+    assert not torch.equal(a.x, c.x)
+
+
+def test_pixels_stay_in_the_B_plus_ball(rep):
+    r = maximize(rep, (32, 32), [1], settings=Settings(iterations=40, B=20))
+    assert r.x.pow(2).sum(1).sqrt().max() <= 40 + 1e-3
+
+
+def test_activation_maximization_raises_the_unit(rep):
+    from preimage.visualizations import code_shape, one_hot
+
+    shape = code_shape(rep, (40, 40))
+    w = one_hot(shape, 3)
+    g = torch.Generator().manual_seed(0)
+    start = torch.stack([noise_init((3, 40, 40), 0, 80 / 3**0.5, g)])
+    with torch.no_grad():
+        before = (rep(start) * w).sum().item()
+    r = maximize(rep, (40, 40), [3, 7], seeds=[0], settings=Settings(iterations=80))
+    assert r.activation[0] > before + 1.0
+    assert (r.activation > 0).all()
+    assert r.error[0] == pytest.approx(-r.activation[0].item() / (1.0 * (15 / 100) ** 2), rel=1e-4)
+
+
+def test_caricature_increases_inner_product(rep):
+    img = photo(size=40)[None]
+    r = caricature(rep, img, settings=Settings(iterations=40, C=20))
+    assert r.activation[0] > 1.5 * r.extra["initial_activation"][0]
+
+
+def test_masked_inversion_uses_only_the_window(rep):
+    img = photo(size=48)[None]
+    mask = torch.zeros(16, 12, 12)  # stride 4: a 12 x 12 code
+    mask[:, 5:7, 5:7] = 1
+    r = invert(rep, img, mask=mask, settings=FAST.replace(C=100))
+    # pixels far outside the window's receptive field are pulled to zero by the regularizers
+    far = r.x[0, :, :4, :4].abs().mean()
+    near = r.x[0, :, 20:28, 20:28].abs().mean()
+    assert far < 0.2 * near
+
+
+def test_cut_stops_at_the_layer_and_removes_hooks():
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("layers after the cut must not run")
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), Boom())
+    rep = ModuleCut(net, "1", geometry=None)
+    out = rep(torch.randn(1, 3, 10, 10))
+    assert out.shape == (1, 4, 8, 8)
+    assert all(len(m._forward_hooks) == 0 for m in net.modules())
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_hooks_removed_when_the_model_raises():
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("bad")
+
+    net = torch.nn.Sequential(Fails(), torch.nn.ReLU())
+    rep = ModuleCut.__new__(ModuleCut)
+    ModuleCut.__init__(rep, net, "1", geometry=__import__("preimage").Geometry(1, 1))
+    with pytest.raises(RuntimeError, match="bad"):
+        rep(torch.randn(1, 3, 4, 4))
+    assert all(len(m._forward_hooks) == 0 for m in net.modules())
+
+
+def test_unknown_layer_and_wrong_shape_are_clear_errors(rep):
+    with pytest.raises(RepresentationError, match="unknown layer 'features.9'"):
+        ModuleCut(tiny_cnn(), "features.9")
+    with pytest.raises(RepresentationError, match=r"expected input of shape \(N, 3, H, W\)"):
+        rep(torch.zeros(1, 1, 8, 8))
+
+
+def test_zero_norm_target_and_nan_input_are_clear_errors(rep):
+    black = torch.zeros(1, 3, 32, 32)
+    relu_dead = ModuleCut(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, bias=False), torch.nn.ReLU()), "1",
+                          mean=(0, 0, 0))
+    with pytest.raises(ObjectiveError, match="zero norm"):
+        invert(relu_dead, black, settings=FAST)
+    nan = torch.full((1, 3, 16, 16), float("nan"))
+    with pytest.raises(RepresentationError, match="NaN"):
+        invert(rep, nan, settings=FAST)
