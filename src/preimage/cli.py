@@ -151,7 +151,22 @@ def _sample_image(out: Path, size: int | None, overwrite: bool) -> Path:
     return path
 
 
+def _check_writable(paths: Sequence[Path]) -> None:
+    """Fail before any work if an output folder cannot be created or written."""
+    import os
+
+    for parent in {p.parent for p in paths}:
+        probe = parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ImageError(f"cannot write to {parent}: {probe} is not a folder")
+        if not os.access(probe, os.W_OK):
+            raise ImageError(f"cannot write to {parent}: permission denied")
+
+
 def _check_free(paths: Sequence[Path], overwrite: bool) -> None:
+    _check_writable(paths)
     if overwrite:
         return
     taken = [p for p in paths if p.exists()]
@@ -208,7 +223,17 @@ def _apply(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], 
     return deco
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors (bad option value, missing argument) as one line, exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise UsageFailure(exc.format_message()) from None
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="preimage")
 def main() -> None:
     """Natural pre-images of image representations (Mahendran & Vedaldi, IJCV 2016)."""
@@ -418,6 +443,7 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
         seed = _parse_ints(seeds, "seeds")[0]
         files = list_images(images_dir, limit)
         folder = out.with_suffix("")
+        _check_writable([out, folder / "any.png"])
         if not overwrite and not resume:
             _check_free([out] + ([folder] if folder.exists() and any(folder.iterdir()) else []), overwrite)
         representation = make_representation(rep, cell_size=cell_size).to(device)

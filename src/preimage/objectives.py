@@ -46,7 +46,10 @@ class L2Loss:
         self.mask = mask
         masked = target if mask is None else target * mask
         self.norm2 = _flat(masked).pow(2).sum(1)
-        bad = (self.norm2 <= 0).nonzero().flatten().tolist()
+        # "zero" means numerically zero: an RMS below 1e-6 (e.g. the code of a blank image up to
+        # float rounding), which would otherwise give a huge, meaningless normalized loss.
+        tiny = 1e-12 * _flat(masked).shape[1]
+        bad = (self.norm2 <= tiny).nonzero().flatten().tolist()
         if bad:
             raise ObjectiveError(
                 f"target code has zero norm{' inside the mask' if mask is not None else ''} "

@@ -1,0 +1,128 @@
+"""The command line: outputs, sidecars, the features layout, evaluate's JSON, and bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from preimage.cli import main
+
+from .conftest import photo
+
+FAST = ["--iterations", "15", "--fine-iterations", "5"]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        a = (photo(name, 48).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{name}.png")
+    return folder
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def files(folder: Path) -> set[str]:
+    return {p.name for p in folder.rglob("*") if p.is_file()}
+
+
+def test_invert_writes_png_and_sidecar_per_seed(images, tmp_path):
+    out = tmp_path / "out"
+    r = run("invert", images / "coffee.png", "--rep", "hog", "--seeds", "0,1", "--size", "48", "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "reconstruction error" in r.output
+    for s in (0, 1):
+        png = out / f"coffee.hog.invert.seed{s}.png"
+        assert Image.open(png).size == (48, 48)
+        side = json.loads(png.with_suffix(".json").read_text())
+        assert side["seed"] == s and 0 < side["error"] < 1.5
+        assert side["config"]["settings"]["C"] == 100 and side["config"]["representation"] == "hog"
+        assert set(side["final_energies"]) == {"loss", "bounded_range", "tv", "total"}
+        assert side["config"]["versions"]["torch"] == torch.__version__
+    assert (out / "coffee.hog.invert.grid.png").exists()
+    # nothing is overwritten without --overwrite, and the refusal leaves the files as they were
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run("invert", images / "coffee.png", "--rep", "hog", "--size", "48", "--out", out, *FAST)
+    assert r.exit_code == 2 and "exists" in r.output and "use --overwrite" in r.output
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    r = run("invert", images / "coffee.png", "--rep", "hog", "--size", "48", "--out", out, "--overwrite", *FAST)
+    assert r.exit_code == 0
+
+
+def test_default_run_inverts_the_bundled_sample(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run("invert", *FAST, "--size", "64")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "preimage-out" / "astronaut.png").exists()
+    assert (tmp_path / "preimage-out" / "astronaut.hog.invert.seed0.png").exists()
+    assert "reconstruction error" in r.output
+
+
+@pytest.mark.parametrize("rep,dims", [("hog", 31), ("hogb", 31)])
+def test_features_vlfeat_layout(images, tmp_path, rep, dims):
+    from preimage.representations import make_representation
+
+    out = tmp_path / "f.npy"
+    r = run("features", images / "chelsea.png", "--rep", rep, "--gray", "--out", out)
+    assert r.exit_code == 0, r.output
+    arr = np.load(out)
+    assert arr.dtype == np.float32 and arr.shape == (6, 6, dims)
+    gray = np.asarray(Image.open(images / "chelsea.png").convert("L"), dtype=np.float32)
+    want = make_representation(rep)(torch.from_numpy(gray)[None, None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(arr, want, atol=1e-4)
+
+
+def test_evaluate_json_contract(images, tmp_path):
+    out = tmp_path / "res" / "hog.json"
+    r = run("evaluate", "--rep", "hog", "--images", images, "--limit", "2", "--size", "48", "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    for key in ("rep", "n_images", "mean_error", "std_error", "sem95", "seconds_per_image", "per_image"):
+        assert key in res
+    assert res["rep"] == "hog" and res["n_images"] == 2
+    assert [row["image"] for row in res["per_image"]] == ["astronaut.png", "chelsea.png"]
+    assert all(0 < row["error"] < 1.5 for row in res["per_image"])
+    assert (tmp_path / "res" / "hog" / "astronaut.png").exists()
+    assert (tmp_path / "res" / "hog" / "astronaut.json").exists()
+    # rerun with --resume reuses the reconstructions
+    r = run("evaluate", "--rep", "hog", "--images", images, "--limit", "2", "--size", "48", "--out", out,
+            "--resume", "--iterations", "0", "--fine-iterations", "0")
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["per_image"] == res["per_image"]
+
+
+def one_line_error(r) -> str:
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(images, tmp_path):
+    out = tmp_path / "o"
+    assert "image not found" in one_line_error(run("invert", tmp_path / "missing.jpg", "--rep", "hog", "--out", out))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not a jpeg at all")
+    assert "cannot read image" in one_line_error(run("invert", corrupt, "--rep", "hog", "--out", out))
+    assert "Invalid value" in one_line_error(run("invert", images / "coffee.png", "--rep", "sift", "--out", out))
+    blank = tmp_path / "blank.png"
+    Image.new("L", (48, 48), 128).save(blank)
+    assert "zero norm" in one_line_error(run("invert", blank, "--rep", "hog", "--out", out, *FAST))
+    assert not out.exists() or files(out) == set()
+    assert "unknown layer" in one_line_error(
+        run("invert", images / "coffee.png", "--module", "torch.nn:Identity", "--layer", "conv9", "--out", out))
+
+
+def test_unwritable_output_is_a_clear_error(images, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = one_line_error(run("invert", images / "coffee.png", "--rep", "hog", "--out", blocker / "sub", *FAST))
+    assert "preimage: error:" in line
