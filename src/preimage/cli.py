@@ -470,6 +470,33 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
                    f"{summary['seconds_per_image']:.2f} s/image -> {out}")
 
 
+@main.command("show-hog")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True)
+@click.option("--bilinear", is_flag=True, help="HOGb: bilinear orientation assignment.")
+@click.option("--size", type=click.IntRange(0), default=0, show_default=True, help="Resize+crop first (0: keep).")
+@click.option("--glyph-size", type=click.IntRange(5, 64), default=15, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Output PNG (default: IMAGE.hog.png beside it).")
+@click.option("--overwrite", is_flag=True)
+def show_hog(image: Path, cell_size: int, bilinear: bool, size: int, glyph_size: int, out: Path | None,
+             overwrite: bool) -> None:
+    """Draw IMAGE's HOG as oriented-edge glyphs (like vl_hog_render), beside the image."""
+    from .render import render_hog
+
+    with _errors():
+        out = out or image.with_name(f"{image.stem}.{'hogb' if bilinear else 'hog'}.png")
+        _check_free([out], overwrite)
+        rep = make_representation("hogb" if bilinear else "hog", cell_size=cell_size)
+        photo = read_image(image, size=size or None, gray=True)
+        with torch.no_grad():
+            code = rep(rep.preprocess(photo[None]))[0]
+        glyphs = render_hog(code, glyph_size=glyph_size)
+        scaled = torch.nn.functional.interpolate(photo[None], size=glyphs.shape[-2:], mode="bilinear",
+                                                 align_corners=False)[0]
+        save_png(grid([scaled.expand(3, -1, -1), glyphs.expand(3, -1, -1)], columns=2), out)
+        click.echo(f"{image}: HOG {tuple(code.shape[1:])} cells -> {out}")
+
+
 def run() -> None:
     """Entry point that turns stray expected errors into one-line messages (exit 2)."""
     try:
