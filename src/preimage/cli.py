@@ -470,6 +470,51 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
                    f"{summary['seconds_per_image']:.2f} s/image -> {out}")
 
 
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@_apply(common_rep + common_opt)
+@click.option("--param", "parameter", default="C", show_default=True, help="Settings field to vary (C, beta, ...).")
+@click.option("--values", default="1,20,100,300", show_default=True, help="Comma-separated values.")
+@click.option("--size", type=click.IntRange(0), default=160, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output PNG (a row of images).")
+def sweep(image: Path, rep: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
+          cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
+          alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
+          parameter: str, values: str, size: int, out: Path) -> None:
+    """Figure 2 analogues: invert IMAGE once per value of one parameter, as one row.
+
+    The paper's Figure 2: --param C --values 1,20,100,300 and --param beta --values 1,1.5,2.
+    """
+    from .figures import sweep as api_sweep
+
+    with _errors():
+        try:
+            vals = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"--values must be comma-separated numbers, got {values!r}") from None
+        _check_free([out, out.with_suffix(".json")], overwrite)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color).to(device)
+        settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
+        photo = read_image(image, size=size or None, gray=representation.in_channels == 1)
+        with _progress() as progress:
+            task = progress.add_task(f"sweep {parameter}", total=len(vals) * (iterations + fine_iterations), info="")
+            done = {"n": 0}
+
+            def cb(t: int, total: int, e: dict[str, float]) -> None:
+                progress.update(task, completed=done["n"] * total + t, info=f"E={e['total']:.3g}")
+                if t == total:
+                    done["n"] += 1
+
+            row, errors = api_sweep(representation, photo, parameter, vals, settings,
+                                    seed=_parse_ints(seeds, "seeds")[0], device=device, callback=cb)
+        save_png(row, out)
+        save_json({"image": str(image), "parameter": parameter, "values": vals, "errors": errors,
+                   "representation": representation.name, "settings": settings.to_dict()}, out.with_suffix(".json"))
+        for v, e in zip(vals, errors):
+            click.echo(f"{parameter}={v:g}: reconstruction error {100 * e:.1f}%")
+        click.echo(f"-> {out}")
+
+
 @main.command("show-hog")
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True)
