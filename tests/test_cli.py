@@ -126,3 +126,23 @@ def test_unwritable_output_is_a_clear_error(images, tmp_path):
     blocker.write_text("x")
     line = one_line_error(run("invert", images / "coffee.png", "--rep", "hog", "--out", blocker / "sub", *FAST))
     assert "preimage: error:" in line
+
+
+def test_sweep_writes_a_row_and_errors(images, tmp_path):
+    out = tmp_path / "fig2_C.png"
+    r = run("sweep", images / "chelsea.png", "--rep", "hog", "--param", "C", "--values", "1,100", "--size", "48",
+            "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size[0] > 3 * 48  # original + two reconstructions
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["values"] == [1.0, 100.0] and len(meta["errors"]) == 2
+    assert meta["errors"][1] < meta["errors"][0]  # a stronger data term fits the code better
+    assert "cannot sweep" in one_line_error(run("sweep", images / "chelsea.png", "--rep", "hog", "--param", "gamma",
+                                                "--out", tmp_path / "x.png"))
+
+
+def test_show_hog(images, tmp_path):
+    out = tmp_path / "g.png"
+    r = run("show-hog", images / "coffee.png", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size[1] == 6 * 15 + 4

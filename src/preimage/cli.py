@@ -48,7 +48,7 @@ class UsageFailure(click.ClickException):
 def _errors() -> Iterator[None]:
     try:
         yield
-    except EXPECTED as exc:
+    except EXPECTED + (ValueError,) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, OSError) and getattr(exc, "filename", None):
             msg = f"{exc.strerror or msg}: {exc.filename}"
