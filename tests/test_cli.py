@@ -146,3 +146,26 @@ def test_show_hog(images, tmp_path):
     r = run("show-hog", images / "coffee.png", "--out", out)
     assert r.exit_code == 0, r.output
     assert Image.open(out).size[1] == 6 * 15 + 4
+
+
+def test_layers_lists_geometry_of_table1():
+    r = run("layers", "--model", "alexnet", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {row["layer"]: row for row in json.loads(r.output)}
+    assert rows["conv5"]["receptive_field"] == 163 and rows["conv5"]["stride"] == 16  # Table 1
+    assert rows["pool5"]["shape"] == [256, 6, 6]
+    assert "has no layer" in one_line_error(run("invert", "--model", "alexnet", "--layer", "conv9", *FAST))
+
+
+def test_classify_squeezenet_on_real_photos(imagenet_dir):
+    from .conftest import SHARED
+
+    sq = SHARED / "models" / "squeezenet-v1.0"
+    if not sq.is_dir():
+        pytest.skip(f"SqueezeNet not found at {sq}")
+    imgs = [imagenet_dir / "n01440764_tench.JPEG"]
+    r = run("classify", *imgs, "--model", sq / "deploy.prototxt", "--weights", sq / "squeezenet_v1.0.caffemodel",
+            "--labels", SHARED / "labels" / "synset_words.txt", "--json")
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.output)[0]["top"]
+    assert top[0]["label"].startswith("n01440764") and top[0]["probability"] > 0.5

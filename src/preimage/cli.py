@@ -132,11 +132,18 @@ def _load_module_cut(module: str, layer: str | None, weights: Path | None, prepr
 
 
 def _representation(rep: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
-                    cell_size: int, color: bool, step: int | None = None, fast: bool = False) -> Representation:
+                    cell_size: int, color: bool, step: int | None = None, fast: bool = False,
+                    model_spec: str | None = None) -> Representation:
+    if model_spec is not None:
+        from .models import load_model
+
+        if not layer:
+            raise click.BadParameter("--model needs --layer (see 'preimage layers --model ...')")
+        return load_model(model_spec, weights).representation(layer)
     if module is not None:
         return _load_module_cut(module, layer, weights, preprocess)
     if rep is None:
-        raise click.BadParameter("give --rep (hog, hogb, dsift) or --module")
+        raise click.BadParameter("give --rep (hog, hogb, dsift), --model or --module")
     return make_representation(rep, cell_size=cell_size, color=color, step=step, fast=fast)
 
 
@@ -189,9 +196,12 @@ def _step_callback(progress: Progress, task: Any) -> Callable[[int, int, dict[st
 
 common_rep = [
     click.option("--rep", type=click.Choice(SHALLOW, case_sensitive=False), help="Shallow representation."),
-    click.option("--module", help="A torch module instead: 'file.py:factory' or 'package.module:factory'."),
+    click.option("--model", "model_spec", help="A CNN: alexnet, caffenet, vgg-m, vgg-vd-16 (with --weights), a Caffe "
+                 "deploy.prototxt (with --weights X.caffemodel) or a MatConvNet .mat."),
+    click.option("--module", help="Any torch module: 'file.py:factory' or 'package.module:factory'."),
     click.option("--layer", help="Dotted name of the module's layer to cut at (e.g. features.8)."),
-    click.option("--weights", type=click.Path(path_type=Path), help="State dict for --module (weights_only)."),
+    click.option("--weights", type=click.Path(path_type=Path),
+                 help="Weights for --model (.mat, .caffemodel, .pth) or a state dict for --module."),
     click.option("--preprocess", type=click.Choice(["torchvision", "caffe"]), default="torchvision", show_default=True,
                  help="Input convention of --module: RGB normalized, or Caffe BGR 0..255 minus mean."),
     click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True,
@@ -275,7 +285,7 @@ def _write_results(kind: str, result: Any, sources: list[Path], stems: list[str]
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True,
               help="Shorter side resized to SIZE and centre-cropped square (0: keep the image).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: next to each image).")
-def invert(images: tuple[Path, ...], rep: str | None, module: str | None, layer: str | None, weights: Path | None,
+def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None,
            preprocess: str, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
            jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str,
            overwrite: bool, size: int, out: Path | None) -> None:
@@ -288,10 +298,10 @@ def invert(images: tuple[Path, ...], rep: str | None, module: str | None, layer:
     with _errors():
         if not images:
             out = out or Path("preimage-out")
-            rep = rep or "hog"
+            rep = rep or ("hog" if model_spec is None and module is None else None)
             images = (_sample_image(out, size, overwrite),)
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
         photos = [read_image(p, size=size or None, gray=gray) for p in images]
@@ -328,7 +338,7 @@ def invert(images: tuple[Path, ...], rep: str | None, module: str | None, layer:
 @_apply(common_rep + common_opt)
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: next to each image).")
-def caricature(images: tuple[Path, ...], rep: str | None, module: str | None, layer: str | None, weights: Path | None,
+def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None,
                preprocess: str, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
                jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str,
                overwrite: bool, size: int, out: Path | None) -> None:
@@ -337,7 +347,7 @@ def caricature(images: tuple[Path, ...], rep: str | None, module: str | None, la
 
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color).to(device)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
         photos = [read_image(p, size=size or None, gray=gray) for p in images]
@@ -364,7 +374,7 @@ def caricature(images: tuple[Path, ...], rep: str | None, module: str | None, la
 @click.option("--M", "M", type=float, default=1.0, show_default=True,
               help="The units' maximum over natural images (Z = M rho^2 / 100^2).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("preimage-out"), show_default=True)
-def maximize(rep: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
+def maximize(rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
              cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
              alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
              units: str, size: int, M: float, out: Path) -> None:
@@ -374,7 +384,7 @@ def maximize(rep: str | None, module: str | None, layer: str | None, weights: Pa
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
         unit_list = _parse_ints(units, "units")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color).to(device)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         name = representation.name.replace(":", "-")
         planned = [out / f"maximize.{name}.unit{u}.seed{s}.png" for u in unit_list for s in seed_list]
@@ -477,7 +487,7 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
 @click.option("--values", default="1,20,100,300", show_default=True, help="Comma-separated values.")
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output PNG (a row of images).")
-def sweep(image: Path, rep: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
+def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
           cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
           alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
           parameter: str, values: str, size: int, out: Path) -> None:
@@ -493,7 +503,7 @@ def sweep(image: Path, rep: str | None, module: str | None, layer: str | None, w
         except ValueError:
             raise click.BadParameter(f"--values must be comma-separated numbers, got {values!r}") from None
         _check_free([out, out.with_suffix(".json")], overwrite)
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color).to(device)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec).to(device)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         photo = read_image(image, size=size or None, gray=representation.in_channels == 1)
         with _progress() as progress:
@@ -540,6 +550,86 @@ def show_hog(image: Path, cell_size: int, bilinear: bool, size: int, glyph_size:
                                                  align_corners=False)[0]
         save_png(grid([scaled.expand(3, -1, -1), glyphs.expand(3, -1, -1)], columns=2), out)
         click.echo(f"{image}: HOG {tuple(code.shape[1:])} cells -> {out}")
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="alexnet, caffenet, vgg-m, vgg-vd-16, a deploy.prototxt or a .mat.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (.mat, .caffemodel, .pth).")
+@click.option("--size", type=click.IntRange(1), default=None, help="Input side (default: the model's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def layers(model_spec: str, weights: Path | None, size: int | None, as_json: bool) -> None:
+    """List a model's layers with output shape, receptive field and stride (Tables 1-3)."""
+    from rich.table import Table
+
+    from .models import load_model
+
+    with _errors():
+        loaded = load_model(model_spec, weights)
+        rows = loaded.layer_table(size)
+        if as_json:
+            click.echo(json.dumps([{"layer": r[0], "shape": list(r[1]), "receptive_field": r[2], "stride": r[3]}
+                                   for r in rows], indent=1))
+            return
+        table = Table(title=f"{loaded.name} ({loaded.source})")
+        for col in ("layer", "output shape", "receptive field", "stride"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in rows:
+            table.add_row(str(r[0]), "x".join(str(v) for v in r[1]), str(r[2]), str(r[3]))
+        Console().print(table)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", required=True, help="alexnet, caffenet, vgg-m, vgg-vd-16, a deploy.prototxt or a .mat.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (.mat, .caffemodel, .pth).")
+@click.option("--labels", type=click.Path(path_type=Path), help="Class names, one per line (synset_words.txt).")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def classify(images: tuple[Path, ...], model_spec: str, weights: Path | None, labels: Path | None, top: int,
+             as_json: bool) -> None:
+    """Top classes of IMAGE(s), to check that a model was read correctly.
+
+    Preprocessing as Caffe's reference: warp to 256x256 (bilinear), centre crop of the input size.
+    """
+    from PIL import Image
+
+    from .models import load_model
+
+    with _errors():
+        loaded = load_model(model_spec, weights)
+        names = loaded.classes
+        if labels is not None:
+            if not labels.is_file():
+                raise ImageError(f"labels file not found: {labels}")
+            names = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
+        conv = loaded.convention
+        S = conv.input_size
+        batch = []
+        for p in images:
+            photo = read_image(p)
+            im = Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            im = im.resize((256, 256), Image.Resampling.BILINEAR)
+            off = (256 - S) // 2
+            im = im.crop((off, off, off + S, off + S))
+            batch.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1))
+        rep = loaded.representation(loaded.layers[-1])
+        with torch.no_grad():
+            scores = rep(rep.preprocess(torch.stack(batch))).flatten(1)
+        if scores.min() < 0 or abs(float(scores[0].sum()) - 1) > 1e-3:
+            scores = scores.softmax(1)
+        p_top, i_top = scores.topk(min(top, scores.shape[1]), dim=1)
+        out = []
+        for n, path in enumerate(images):
+            preds = [{"class": int(i), "label": names[int(i)] if names and int(i) < len(names) else str(int(i)),
+                      "probability": float(pv)} for pv, i in zip(p_top[n], i_top[n])]
+            out.append({"image": str(path), "top": preds})
+        if as_json:
+            click.echo(json.dumps(out, indent=1))
+        else:
+            for o in out:
+                click.echo(o["image"])
+                for k, pr in enumerate(o["top"]):
+                    click.echo(f"  {k + 1}. {pr['probability']:.3f}  {pr['label']}")
 
 
 def run() -> None:
