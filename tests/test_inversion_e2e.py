@@ -27,4 +27,4 @@ def test_hog_inversion_of_a_real_photo(rep, bound):
     assert reconstruction_error(representation, r.x, x0)[0] == pytest.approx(r.error[0].item(), rel=1e-4)
     # and far better than the noise it started from
     noise = torch.rand(1, 1, 128, 128) * 255 - 128
-    assert reconstruction_error(representation, noise, x0)[0] > 2 * bound
+    assert reconstruction_error(representation, noise, x0)[0] > bound + 0.3
