@@ -508,26 +508,26 @@ class _BlockNormalization(torch.autograd.Function):
         factors = _block_factors(factor)  # (4, N, Hc, Wc, 1): up-left, up-right, down-left, down-right
         stacked = torch.cat([hist, undirected], dim=-1)  # (N, Hc, Wc, 3K)
         normalized = factors * stacked  # (4, N, Hc, Wc, 3K)
-        saturated = normalized <= _CLAMP
+        passing = torch.le(normalized, _CLAMP, out=torch.empty_like(normalized))  # 1 where not clamped
         normalized.clamp_(max=_CLAMP)
         texture = normalized[..., two_k:].sum(dim=-1).mul_(_TEXTURE_FACTOR)  # (4, N, Hc, Wc)
-        ctx.save_for_backward(undirected, factor, stacked, saturated)
+        ctx.save_for_backward(undirected, factor, stacked, passing)
         return torch.cat([normalized.sum(dim=0).mul_(0.5), texture.permute(1, 2, 3, 0)], dim=-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
-        undirected, factor, stacked, saturated = ctx.saved_tensors
+        undirected, factor, stacked, passing = ctx.saved_tensors
         k_or = undirected.shape[-1]
         two_k = 2 * k_or
         factors = _block_factors(factor)
-        # gradient of the clamped products f_b * stacked, (4, N, Hc, Wc, 3K)
-        grad_products = (grad[..., : 3 * k_or] * 0.5).expand(4, *stacked.shape).clone()
+        # gradient of the four clamped products f_b * stacked, (4, N, Hc, Wc, 3K); the clamp
+        # passes the gradient up to and including 0.2
+        grad_products = passing * (grad[..., : 3 * k_or] * 0.5)
         grad_texture = (grad[..., 3 * k_or :] * _TEXTURE_FACTOR).permute(3, 0, 1, 2).unsqueeze(-1)
-        grad_products[..., two_k:] += grad_texture
-        grad_products.mul_(saturated)
-        grad_stacked = (grad_products * factors).sum(dim=0)  # (N, Hc, Wc, 3K)
-        grad_factors = (grad_products * stacked).sum(dim=-1)  # (4, N, Hc, Wc)
+        grad_products[..., two_k:].addcmul_(passing[..., two_k:], grad_texture)
+        grad_factors = torch.einsum("bnhwc,nhwc->bnhw", grad_products, stacked)  # (4, N, Hc, Wc)
+        grad_stacked = grad_products.mul_(factors).sum(dim=0)  # (N, Hc, Wc, 3K)
         grad_factor = torch.zeros_like(factor)
         grad_factor[:, :-1, :-1] += grad_factors[0]
         grad_factor[:, :-1, 1:] += grad_factors[1]
