@@ -133,7 +133,7 @@ def _load_module_cut(module: str, layer: str | None, weights: Path | None, prepr
 
 def _representation(rep: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
                     cell_size: int, color: bool, step: int | None = None, fast: bool = False,
-                    model_spec: str | None = None) -> Representation:
+                    model_spec: str | None = None, exact_gradient: bool = False) -> Representation:
     if model_spec is not None:
         from .models import load_model
 
@@ -144,7 +144,8 @@ def _representation(rep: str | None, module: str | None, layer: str | None, weig
         return _load_module_cut(module, layer, weights, preprocess)
     if rep is None:
         raise click.BadParameter("give --rep (hog, hogb, dsift), --model or --module")
-    return make_representation(rep, cell_size=cell_size, color=color, step=step, fast=fast)
+    return make_representation(rep, cell_size=cell_size, color=color, step=step, fast=fast,
+                               exact_gradient=exact_gradient)
 
 
 def _sample_image(out: Path, size: int | None, overwrite: bool) -> Path:
@@ -207,6 +208,8 @@ common_rep = [
     click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True,
                  help="HOG cell size / DSIFT bin size."),
     click.option("--color/--gray", default=False, show_default=True, help="HOG on colour (max-gradient channel)."),
+    click.option("--exact-gradient", is_flag=True,
+                 help="Plain HOG: back-propagate its exact gradient (the paper) instead of HOGb's surrogate."),
 ]
 common_opt = [
     click.option("--C", "C", type=float, default=100.0, show_default=True, help="Loss weight C of eq. (1)."),
@@ -286,7 +289,7 @@ def _write_results(kind: str, result: Any, sources: list[Path], stems: list[str]
               help="Shorter side resized to SIZE and centre-cropped square (0: keep the image).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: next to each image).")
 def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None,
-           preprocess: str, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
+           preprocess: str, exact_gradient: bool, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
            jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str,
            overwrite: bool, size: int, out: Path | None) -> None:
     """Reconstruct IMAGE(s) from their code alone (eq. 2), one run per seed.
@@ -301,7 +304,8 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
             rep = rep or ("hog" if model_spec is None and module is None else None)
             images = (_sample_image(out, size, overwrite),)
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+                                         exact_gradient=exact_gradient)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
         photos = [read_image(p, size=size or None, gray=gray) for p in images]
@@ -339,7 +343,7 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: next to each image).")
 def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None,
-               preprocess: str, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
+               preprocess: str, exact_gradient: bool, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
                jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str,
                overwrite: bool, size: int, out: Path | None) -> None:
     """Exaggerate what the representation sees in IMAGE(s) (section 7): Φ0 = max(0, Φ(x0)), start at x0."""
@@ -347,7 +351,8 @@ def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None
 
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec).to(device)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+                                         exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
         photos = [read_image(p, size=size or None, gray=gray) for p in images]
@@ -374,7 +379,7 @@ def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None
 @click.option("--M", "M", type=float, default=1.0, show_default=True,
               help="The units' maximum over natural images (Z = M rho^2 / 100^2).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("preimage-out"), show_default=True)
-def maximize(rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
+def maximize(rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool,
              cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
              alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
              units: str, size: int, M: float, out: Path) -> None:
@@ -384,7 +389,8 @@ def maximize(rep: str | None, model_spec: str | None, module: str | None, layer:
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
         unit_list = _parse_ints(units, "units")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec).to(device)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+                                         exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         name = representation.name.replace(":", "-")
         planned = [out / f"maximize.{name}.unit{u}.seed{s}.png" for u in unit_list for s in seed_list]
@@ -439,11 +445,12 @@ def features(image: Path, rep: str, cell_size: int, bin_size: int | None, step: 
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N images (sorted by name).")
 @click.option("--size", type=click.IntRange(16), default=160, show_default=True)
 @click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True)
+@click.option("--exact-gradient", is_flag=True, help="Plain HOG: the paper's exact gradient, no HOGb surrogate.")
 @_apply(common_opt)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images optimized together.")
 @click.option("--resume", is_flag=True, help="Reuse reconstructions already in the output folder.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="results.json; PNGs go to a folder beside it.")
-def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size: int, C: float, iterations: int,
+def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size: int, exact_gradient: bool, C: float, iterations: int,
              fine_iterations: int, jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float,
              seeds: str, device: str, overwrite: bool, batch_size: int, resume: bool, out: Path) -> None:
     """The paper's Table 4 protocol: invert each image from noise and report the mean error."""
@@ -456,7 +463,7 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
         _check_writable([out, folder / "any.png"])
         if not overwrite and not resume:
             _check_free([out] + ([folder] if folder.exists() and any(folder.iterdir()) else []), overwrite)
-        representation = make_representation(rep, cell_size=cell_size).to(device)
+        representation = make_representation(rep, cell_size=cell_size, exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, fine_iterations, jitter if jitter is not None else 1, alpha, beta, B,
                              lr_fraction)
         t0 = time.perf_counter()
@@ -487,7 +494,7 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
 @click.option("--values", default="1,20,100,300", show_default=True, help="Comma-separated values.")
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output PNG (a row of images).")
-def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
+def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool,
           cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
           alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
           parameter: str, values: str, size: int, out: Path) -> None:
@@ -503,7 +510,8 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
         except ValueError:
             raise click.BadParameter(f"--values must be comma-separated numbers, got {values!r}") from None
         _check_free([out, out.with_suffix(".json")], overwrite)
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec).to(device)
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+                                         exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         photo = read_image(image, size=size or None, gray=representation.in_channels == 1)
         with _progress() as progress:

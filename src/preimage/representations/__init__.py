@@ -10,17 +10,20 @@ SHALLOW = ("hog", "hogb", "dsift")
 
 
 def make_representation(name: str, *, cell_size: int = 8, color: bool = False, step: int | None = None,
-                        fast: bool = False) -> Representation:
+                        fast: bool = False, exact_gradient: bool = False) -> Representation:
     """Build a shallow representation by name: ``hog``, ``hogb`` (bilinear orientations), ``dsift``.
 
     ``cell_size`` is the HOG cell size or the DSIFT bin size (8 in the paper); ``step`` the
-    DSIFT sampling step (default: the bin size).
+    DSIFT sampling step (default: the bin size).  Plain HOG back-propagates HOGb's gradient
+    (a straight-through surrogate, values unchanged) unless ``exact_gradient`` is set, which
+    reproduces the paper's setting.
     """
     key = name.lower()
     if key in ("hog", "hogb"):
         from .hog import HOG
 
-        return HOG(cell_size=cell_size, bilinear_orientations=key == "hogb", color=color)
+        return HOG(cell_size=cell_size, bilinear_orientations=key == "hogb", color=color,
+                   surrogate_gradient=not exact_gradient)
     if key == "dsift":
         from .dsift import DSIFT
 

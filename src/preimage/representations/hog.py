@@ -625,6 +625,13 @@ class HOG(Representation):
     display.  Geometry: a cell pools the pixels within one cell of its centre (bilinear
     weights, support ``2s``) and block normalization reaches one more cell on each side, so a
     code location depends on a ``4s x 4s`` window; the stride is the cell size ``s``.
+
+    ``surrogate_gradient`` (plain HOG only; beyond the paper): the hard orientation assignment
+    of HOG is piecewise constant, so its exact derivative ignores how a pixel's orientation
+    could move between bins, and gradient descent only adjusts magnitudes.  With this option
+    the *value* is still exactly VLFeat's HOG, but the gradient is that of HOGb (bilinear
+    orientations) — a straight-through estimator ``stop_gradient(hog) + hogb - stop_gradient(hogb)``.
+    It roughly halves the inversion error of plain HOG (see README) at about twice the cost.
     """
 
     scale = 255.0
@@ -636,10 +643,12 @@ class HOG(Representation):
         num_orientations: int = 9,
         bilinear_orientations: bool = False,
         color: bool = False,
+        surrogate_gradient: bool = False,
     ) -> None:
         self.in_channels = 3 if color else 1  # read by Representation.__init__ for the mean
         super().__init__()
         self.name = "hogb" if bilinear_orientations else "hog"
+        self.surrogate_gradient = surrogate_gradient and not bilinear_orientations
         self.cell_size = cell_size
         self.num_orientations = num_orientations
         self.bilinear_orientations = bilinear_orientations
@@ -655,7 +664,17 @@ class HOG(Representation):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` inputs (``0 .. 255`` minus the mean) -> ``(N, 3K + 4, Hc, Wc)``."""
         self.check_input(x)
+        if self.surrogate_gradient and torch.is_grad_enabled() and x.requires_grad:
+            with torch.no_grad():
+                hard = hog(x, self.cell_size, self.num_orientations, False)
+            soft = hog(x, self.cell_size, self.num_orientations, True)
+            return hard + (soft - soft.detach())
         return hog(x, self.cell_size, self.num_orientations, self.bilinear_orientations)
+
+    def config(self) -> dict[str, object]:
+        return {"cell_size": self.cell_size, "num_orientations": self.num_orientations,
+                "bilinear_orientations": self.bilinear_orientations, "color": self.color,
+                "surrogate_gradient": self.surrogate_gradient}
 
     @staticmethod
     def to_vlfeat_layout(code: Tensor) -> Tensor:
