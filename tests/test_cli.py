@@ -169,3 +169,18 @@ def test_classify_squeezenet_on_real_photos(imagenet_dir):
     assert r.exit_code == 0, r.output
     top = json.loads(r.output)[0]["top"]
     assert top[0]["label"].startswith("n01440764") and top[0]["probability"] > 0.5
+
+
+def test_train_hoggle_and_evaluate_with_it(images, tmp_path):
+    model = tmp_path / "hg.npz"
+    r = run("train-hoggle", "--images", images, "--atoms", "16", "--patches", "400", "--out", model)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "hg.json"
+    r = run("evaluate", "--rep", "hog", "--method", "hoggle", "--hoggle-model", model, "--images", images,
+            "--size", "48", "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["method"] == "hoggle" and res["n_images"] == 3
+    assert all(0 < row["error"] < 1.2 for row in res["per_image"])
+    assert "needs --hoggle-model" in one_line_error(
+        run("evaluate", "--rep", "hog", "--method", "hoggle", "--images", images, "--out", tmp_path / "z.json"))

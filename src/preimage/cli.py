@@ -449,14 +449,27 @@ def features(image: Path, rep: str, cell_size: int, bin_size: int | None, step: 
 @_apply(common_opt)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images optimized together.")
 @click.option("--resume", is_flag=True, help="Reuse reconstructions already in the output folder.")
+@click.option("--method", type=click.Choice(["optimization", "hoggle"]), default="optimization", show_default=True,
+              help="hoggle: the learned baseline (needs --hoggle-model; error measured with plain HOG).")
+@click.option("--hoggle-model", type=click.Path(path_type=Path), help="A dictionary from 'preimage train-hoggle'.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="results.json; PNGs go to a folder beside it.")
 def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size: int, exact_gradient: bool, C: float, iterations: int,
              fine_iterations: int, jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float,
-             seeds: str, device: str, overwrite: bool, batch_size: int, resume: bool, out: Path) -> None:
+             seeds: str, device: str, overwrite: bool, batch_size: int, resume: bool, method: str,
+             hoggle_model: Path | None, out: Path) -> None:
     """The paper's Table 4 protocol: invert each image from noise and report the mean error."""
     from .evaluation import evaluate_folder
 
     with _errors():
+        hoggle = None
+        if method == "hoggle":
+            from .hoggle import HoggleModel
+
+            if hoggle_model is None:
+                raise click.BadParameter("--method hoggle needs --hoggle-model (see 'preimage train-hoggle')")
+            if rep.lower() != "hog":
+                raise click.BadParameter("HOGgle inverts plain HOG: use --rep hog")
+            hoggle = HoggleModel.load(hoggle_model)
         seed = _parse_ints(seeds, "seeds")[0]
         files = list_images(images_dir, limit)
         folder = out.with_suffix("")
@@ -477,7 +490,7 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
 
             summary = evaluate_folder(representation, files, folder, settings, size=size, seed=seed,
                                       batch_size=batch_size, device=device, resume=resume, on_batch=on_batch,
-                                      on_step=_step_callback(progress, step_task))
+                                      on_step=_step_callback(progress, step_task), hoggle=hoggle)
         summary["wall_seconds"] = time.perf_counter() - t0
         summary["images_dir"] = str(images_dir)
         summary["reconstructions"] = str(folder)
@@ -531,6 +544,39 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
         for v, e in zip(vals, errors):
             click.echo(f"{parameter}={v:g}: reconstruction error {100 * e:.1f}%")
         click.echo(f"-> {out}")
+
+
+@main.command("train-hoggle")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True, help="Folder of training photos.")
+@click.option("--skip", type=click.IntRange(0), default=0, show_default=True,
+              help="Skip the first N images (sorted), e.g. those you evaluate on.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images after --skip.")
+@click.option("--atoms", type=click.IntRange(8), default=512, show_default=True, help="Dictionary size.")
+@click.option("--patches", type=click.IntRange(100), default=40000, show_default=True, help="Training pairs.")
+@click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .npz dictionary.")
+@click.option("--overwrite", is_flag=True)
+def train_hoggle(images_dir: Path, skip: int, limit: int | None, atoms: int, patches: int, cell_size: int, seed: int,
+                 out: Path, overwrite: bool) -> None:
+    """Learn the HOGgle baseline (Vondrick et al. 2013): a paired dictionary of patches and their HOG."""
+    from .hoggle import train_hoggle as api_train
+
+    with _errors():
+        _check_free([out], overwrite)
+        files = list_images(images_dir)[skip:]
+        files = files[:limit] if limit is not None else files
+        if not files:
+            raise ImageError(f"no training images left in {images_dir} after --skip {skip}")
+        with _progress() as progress:
+            task = progress.add_task("train HOGgle", total=None, info="")
+
+            def cb(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            model = api_train(files, cell_size=cell_size, n_atoms=atoms, n_patches=patches, seed=seed, progress=cb)
+        model.save(out)
+        click.echo(f"HOGgle dictionary ({atoms} atoms, {len(files)} images) -> {out}")
 
 
 @main.command("show-hog")

@@ -53,10 +53,14 @@ def evaluate_folder(
     resume: bool = False,
     on_batch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    hoggle: Any = None,
 ) -> dict[str, Any]:
     """Invert every image with the Table 4 protocol; write PNGs, sidecars and return the summary.
 
     With ``resume``, images whose sidecar already exists in ``out`` are read back, not redone.
+    With ``hoggle`` (a trained :class:`preimage.hoggle.HoggleModel`) the images are inverted by
+    the HOGgle baseline instead of the optimization, and the error is measured with
+    ``representation`` (plain HOG, as in the paper's Table 4).
     """
     gray = representation.in_channels == 1
     # Read every image first: a missing or corrupt one fails the run before any work is done.
@@ -79,19 +83,31 @@ def evaluate_folder(
         chunk = todo[start : start + batch_size]
         batch = torch.stack([photos[p] for p in chunk])
         t0 = time.perf_counter()
-        result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step)
+        if hoggle is None:
+            result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step)
+            pictures, errs = result.images, result.error
+            energies = [result.final_energies(i) for i in range(len(chunk))]
+            config = result.config
+        else:
+            from .hoggle import invert_images
+
+            recons, _ = invert_images(hoggle, batch)
+            x = representation.preprocess(recons)
+            errs = reconstruction_error(representation, x, representation.preprocess(batch))
+            pictures, energies = recons.expand(-1, 3, -1, -1), [{} for _ in chunk]
+            config = {"mode": "hoggle", "representation": representation.name, "hoggle": hoggle.info}
         seconds = (time.perf_counter() - t0) / len(chunk)
         for i, p in enumerate(chunk):
-            err = float(result.error[i])
-            save_png(result.images[i], out / f"{p.stem}.png")
+            err = float(errs[i])
+            save_png(pictures[i], out / f"{p.stem}.png")
             save_json(
                 {
                     "image": str(p),
                     "seed": seed,
                     "error": err,
                     "seconds": seconds,
-                    "final_energies": result.final_energies(i),
-                    "config": result.config | {"size": size, "batch_size": len(chunk)},
+                    "final_energies": energies[i],
+                    "config": config | {"size": size, "batch_size": len(chunk)},
                 },
                 out / f"{p.stem}.json",
             )
@@ -103,6 +119,7 @@ def evaluate_folder(
     done = [r["seconds"] for r in rows if r["seconds"]]
     return {
         "rep": representation.name,
+        "method": "hoggle" if hoggle is not None else "optimization",
         "n_images": len(rows),
         **summarize(errors),
         "seconds_per_image": sum(done) / len(done) if done else 0.0,
