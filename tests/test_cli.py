@@ -184,3 +184,9 @@ def test_train_hoggle_and_evaluate_with_it(images, tmp_path):
     assert all(0 < row["error"] < 1.2 for row in res["per_image"])
     assert "needs --hoggle-model" in one_line_error(
         run("evaluate", "--rep", "hog", "--method", "hoggle", "--images", images, "--out", tmp_path / "z.json"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_without_gpu_is_a_clear_error(images, tmp_path):
+    line = one_line_error(run("invert", images / "coffee.png", "--rep", "hog", "--device", "cuda", "--out", tmp_path))
+    assert "CUDA is not available" in line

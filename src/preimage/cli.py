@@ -75,6 +75,19 @@ def _force_progress() -> bool:
     return os.environ.get("PREIMAGE_PROGRESS", "") == "1"
 
 
+def _valid_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N``, refused at once when CUDA is absent."""
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"unknown device {value!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"unsupported device {value!r}; use cpu or cuda")
+    return value
+
+
 def _parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
@@ -222,7 +235,7 @@ common_opt = [
     click.option("--B", "B", type=float, default=80.0, show_default=True),
     click.option("--lr-fraction", type=float, default=0.01, show_default=True, help="eta0 = f * B^2 / alpha."),
     click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, one run each."),
-    click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+    click.option("--device", default="cpu", show_default=True, callback=_valid_device, help="cpu or cuda."),
     click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
 ]
 
