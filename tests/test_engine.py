@@ -137,3 +137,12 @@ def test_zero_norm_target_and_nan_input_are_clear_errors(rep):
     nan = torch.full((1, 3, 16, 16), float("nan"))
     with pytest.raises(RepresentationError, match="NaN"):
         invert(rep, nan, settings=FAST)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_invert_on_cuda_matches_the_cpu_quality(rep):
+    img = photo(size=48)[None]
+    cpu = invert(rep, img, seeds=[0], settings=FAST.replace(C=100))
+    gpu = invert(rep.to("cuda"), img, seeds=[0], settings=FAST.replace(C=100), device="cuda")
+    assert gpu.x.device.type == "cpu" and gpu.images.shape == cpu.images.shape
+    assert abs(gpu.error[0].item() - cpu.error[0].item()) < 0.05
