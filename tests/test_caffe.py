@@ -33,9 +33,9 @@ FLT_MAX = float(np.finfo(np.float32).max)
 # --------------------------------------------------------------------------------- the schema
 
 
-def test_embedded_schema_is_the_shipped_proto() -> None:
+def test_schema_is_the_shipped_proto() -> None:
     proto = Path(caffe_pb2.__file__).with_name("caffe.proto").read_text()
-    assert caffe_pb2.PROTO_SOURCE == proto
+    assert caffe_pb2.PROTO_SOURCE == proto and "message NetParameter" in proto
 
 
 @pytest.mark.parametrize(
