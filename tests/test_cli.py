@@ -190,3 +190,15 @@ def test_train_hoggle_and_evaluate_with_it(images, tmp_path):
 def test_cuda_without_gpu_is_a_clear_error(images, tmp_path):
     line = one_line_error(run("invert", images / "coffee.png", "--rep", "hog", "--device", "cuda", "--out", tmp_path))
     assert "CUDA is not available" in line
+
+
+def test_features_dsift_is_vl_dsift_layout(images, tmp_path):
+    cyvlfeat_sift = pytest.importorskip("cyvlfeat.sift", reason="cyvlfeat (VLFeat reference) not installed")
+    out = tmp_path / "d.npy"
+    r = run("features", images / "coffee.png", "--rep", "dsift", "--bin-size", "8", "--step", "4", "--out", out)
+    assert r.exit_code == 0, r.output
+    arr = np.load(out)
+    gray = np.asarray(Image.open(images / "coffee.png").convert("L"), dtype=np.float32)
+    _, want = cyvlfeat_sift.dsift(gray, step=4, size=8, float_descriptors=True)
+    assert arr.dtype == np.float32 and arr.shape == want.shape
+    np.testing.assert_allclose(arr, want, atol=2e-4)
