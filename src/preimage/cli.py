@@ -559,6 +559,68 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
         click.echo(f"-> {out}")
 
 
+@main.command()
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True, help="Folder of images.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Evaluate the first N images.")
+@click.option("--size", type=click.IntRange(16), default=160, show_default=True)
+@click.option("--C", "C", type=float, default=100.0, show_default=True, help="Loss weight C.")
+@click.option("--iterations", type=click.IntRange(0), default=300, show_default=True)
+@click.option("--fine-iterations", type=click.IntRange(0), default=50, show_default=True)
+@click.option("--methods", default="hoggle,hog,hogb,dsift", show_default=True)
+@click.option("--hoggle-model", type=click.Path(path_type=Path),
+              help="A trained HOGgle dictionary; default: OUT/hoggle.npz, trained if missing on the images after --limit.")
+@click.option("--train-limit", type=click.IntRange(1), default=400, show_default=True,
+              help="Images (after the evaluated ones) to train HOGgle on when no model is given.")
+@click.option("--batch-size", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_valid_device)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, fine_iterations: int, methods: str,
+           hoggle_model: Path | None, train_limit: int, batch_size: int, device: str, out: Path) -> None:
+    """The paper's Table 4 and Figure 4: HOGgle, HOG, HOGb and DSIFT on the same images (resumable)."""
+    from .hoggle import HoggleModel, train_hoggle as api_train
+    from .table4 import METHODS, table4 as api_table4
+
+    with _errors():
+        chosen = [m.strip().lower() for m in methods.split(",") if m.strip()]
+        bad = [m for m in chosen if m not in METHODS]
+        if bad or not chosen:
+            raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
+        everything = list_images(images_dir)
+        files = everything[:limit]
+        _check_writable([out / "table4.md"])
+        settings = Settings(C=C, iterations=iterations, fine_iterations=fine_iterations, jitter=1)
+        model = None
+        with _progress() as progress:
+            if "hoggle" in chosen:
+                path = hoggle_model or out / "hoggle.npz"
+                if path.exists():
+                    model = HoggleModel.load(path)
+                elif hoggle_model is not None:
+                    raise ImageError(f"HOGgle model not found: {hoggle_model}")
+                else:
+                    train = everything[limit : limit + train_limit]
+                    if not train:
+                        raise ImageError(f"no images left after the first {limit} to train HOGgle on; give --hoggle-model")
+                    task = progress.add_task(f"train HOGgle on {len(train)} images", total=None, info="")
+                    model = api_train(train, progress=lambda d, t: progress.update(task, completed=d, total=t))
+                    model.save(path)
+            task = progress.add_task("table4", total=len(files), info="")
+            step_task = progress.add_task("  iterations", total=iterations + fine_iterations, info="")
+
+            def on_method(m: str, n: int) -> None:
+                progress.reset(task, total=n, description=f"table4 {m}")
+
+            def on_batch(k: int) -> None:
+                progress.update(task, advance=k)
+                progress.reset(step_task)
+
+            summaries = api_table4(files, out, settings, hoggle_model=model, methods=chosen, size=size,
+                                   batch_size=batch_size, device=device, on_method=on_method, on_batch=on_batch,
+                                   on_step=_step_callback(progress, step_task))
+        click.echo((out / "table4.md").read_text().rstrip())
+        click.echo(f"-> {out / 'table4.md'}, {out / 'figure4.png'}")
+
+
 @main.command("train-hoggle")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True, help="Folder of training photos.")
 @click.option("--skip", type=click.IntRange(0), default=0, show_default=True,
