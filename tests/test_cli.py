@@ -228,3 +228,27 @@ def test_table4_runs_every_method_and_resumes(images, tmp_path):
     r = run(*args)
     assert r.exit_code == 0, r.output
     assert {p: p.stat().st_mtime_ns for p in (out / "hog").iterdir()} == stamps
+
+
+def test_stats_then_maximize_with_M(images, tmp_path):
+    from .conftest import SHARED
+
+    sq = SHARED / "models" / "squeezenet-v1.0"
+    if not sq.is_dir():
+        pytest.skip(f"SqueezeNet not found at {sq}")
+    model = ["--model", sq / "deploy.prototxt", "--weights", sq / "squeezenet_v1.0.caffemodel"]
+    out = tmp_path / "stats.json"
+    r = run("stats", *model, "--layer", "conv1,fire2/concat", "--images", images, "--out", out)
+    assert r.exit_code == 0, r.output
+    st = json.loads(out.read_text())
+    M = st["layers"]["conv1"]["max"]
+    assert st["n_images"] == 3 and len(M) == 96 and max(M) > 0
+    assert st["layers"]["conv1"]["receptive_field"] == 7
+    # activation maximization with that M raises the unit above the dataset maximum
+    r = run("maximize", *model, "--layer", "conv1", "--units", "5", "--stats", out, "--size", "31",
+            "--iterations", "60", "--out", tmp_path / "am")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "am" / "maximize.squeezenet_v1.0-conv1.unit5.seed0.json").read_text())
+    assert side["activation"] > M[5]
+    assert "no statistics for layer" in one_line_error(
+        run("maximize", *model, "--layer", "pool1", "--stats", out, "--out", tmp_path / "am2"))

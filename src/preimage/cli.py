@@ -196,6 +196,23 @@ def _check_free(paths: Sequence[Path], overwrite: bool) -> None:
                               else f"{taken[0]} exists; use --overwrite")
 
 
+def _stats_maxima(path: Path, layer: str, units: Sequence[int]) -> list[float]:
+    """M of ``units`` of ``layer`` from a 'preimage stats' file (non-positive maxima become 1e-6)."""
+    if not path.is_file():
+        raise ImageError(f"stats file not found: {path}")
+    try:
+        layers = json.loads(path.read_text())["layers"]
+    except (ValueError, KeyError):
+        raise ImageError(f"not a 'preimage stats' file: {path}") from None
+    if layer not in layers:
+        raise RepresentationError(f"{path} has no statistics for layer {layer!r} (it has: {', '.join(layers)})")
+    maxima = layers[layer]["max"]
+    bad = [u for u in units if not 0 <= u < len(maxima)]
+    if bad:
+        raise RepresentationError(f"unit {bad[0]} out of range: {layer} has {len(maxima)} units")
+    return [max(float(maxima[u]), 1e-6) for u in units]
+
+
 def _step_callback(progress: Progress, task: Any) -> Callable[[int, int, dict[str, float]], None]:
     last = {"t": 0}
 
@@ -391,11 +408,13 @@ def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None
 @click.option("--size", type=click.IntRange(8), default=128, show_default=True, help="Side of the image sought.")
 @click.option("--M", "M", type=float, default=1.0, show_default=True,
               help="The units' maximum over natural images (Z = M rho^2 / 100^2).")
+@click.option("--stats", "stats_file", type=click.Path(path_type=Path),
+              help="M per unit from 'preimage stats' (overrides --M).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("preimage-out"), show_default=True)
 def maximize(rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool,
              cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
              alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
-             units: str, size: int, M: float, out: Path) -> None:
+             units: str, size: int, M: float, stats_file: Path | None, out: Path) -> None:
     """Activation maximization (section 6): images that excite the chosen units."""
     from .visualizations import maximize as api_maximize
 
@@ -410,7 +429,10 @@ def maximize(rep: str | None, model_spec: str | None, module: str | None, layer:
         _check_free(planned, overwrite)
         with _progress() as progress:
             task = progress.add_task(f"maximize {len(unit_list)} unit(s)", total=iterations, info="")
-            result = api_maximize(representation, (size, size), unit_list, seeds=seed_list, M=M, settings=settings,
+            Ms: float | list[float] = M
+            if stats_file is not None:
+                Ms = _stats_maxima(stats_file, layer or "", unit_list)
+            result = api_maximize(representation, (size, size), unit_list, seeds=seed_list, M=Ms, settings=settings,
                                   device=device, callback=_step_callback(progress, task))
         for n, el in enumerate(result.elements):
             png = out / f"maximize.{name}.unit{el['unit']}.seed{el['seed']}.png"
@@ -621,6 +643,44 @@ def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, f
         click.echo(f"-> {out / 'table4.md'}, {out / 'figure4.png'}")
 
 
+@main.command()
+@click.option("--model", "model_spec", required=True, help="alexnet, caffenet, vgg-m, vgg-vd-16, a deploy.prototxt or a .mat.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (.mat, .caffemodel, .pth).")
+@click.option("--layer", "layer_names", required=True, help="Comma-separated layer names.")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True, help="Folder of natural images.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N images.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output JSON (the cache of M).")
+@click.option("--overwrite", is_flag=True)
+def stats(model_spec: str, weights: Path | None, layer_names: str, images_dir: Path, limit: int | None,
+          batch_size: int, out: Path, overwrite: bool) -> None:
+    """M for activation maximization (section 6): each unit's maximum over a folder of images.
+
+    Per channel for convolutional layers.  Use the result with 'preimage maximize --stats FILE'.
+    """
+    from .models import load_model
+    from .stats import unit_maxima
+
+    with _errors():
+        _check_free([out], overwrite)
+        loaded = load_model(model_spec, weights)
+        files = list_images(images_dir, limit)
+        wanted = [name.strip() for name in layer_names.split(",") if name.strip()]
+        reps = {name: loaded.representation(name) for name in wanted}
+        result: dict[str, Any] = {"model": loaded.name, "weights": loaded.source, "images": str(images_dir),
+                                  "n_images": len(files), "layers": {}}
+        with _progress() as progress:
+            for name, rep in reps.items():
+                task = progress.add_task(f"stats {name}", total=len(files), info="")
+                M = unit_maxima(rep, files, loaded.convention.input_size, batch_size,
+                                on_batch=lambda k, task=task: progress.update(task, advance=k))
+                result["layers"][name] = {"max": M.tolist(), "receptive_field": rep.geometry.receptive_field,
+                                          "stride": rep.geometry.stride}
+                click.echo(f"{name}: {M.numel()} units, M from {float(M.min()):.4g} to {float(M.max()):.4g}")
+        save_json(result, out)
+        click.echo(f"-> {out}")
+
+
 @main.command("train-hoggle")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True, help="Folder of training photos.")
 @click.option("--skip", type=click.IntRange(0), default=0, show_default=True,
@@ -720,9 +780,8 @@ def classify(images: tuple[Path, ...], model_spec: str, weights: Path | None, la
 
     Preprocessing as Caffe's reference: warp to 256x256 (bilinear), centre crop of the input size.
     """
-    from PIL import Image
-
     from .models import load_model
+    from .stats import warp_crop
 
     with _errors():
         loaded = load_model(model_spec, weights)
@@ -731,16 +790,7 @@ def classify(images: tuple[Path, ...], model_spec: str, weights: Path | None, la
             if not labels.is_file():
                 raise ImageError(f"labels file not found: {labels}")
             names = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
-        conv = loaded.convention
-        S = conv.input_size
-        batch = []
-        for p in images:
-            photo = read_image(p)
-            im = Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-            im = im.resize((256, 256), Image.Resampling.BILINEAR)
-            off = (256 - S) // 2
-            im = im.crop((off, off, off + S, off + S))
-            batch.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1))
+        batch = [warp_crop(p, loaded.convention.input_size) for p in images]
         rep = loaded.representation(loaded.layers[-1])
         with torch.no_grad():
             scores = rep(rep.preprocess(torch.stack(batch))).flatten(1)
