@@ -53,6 +53,13 @@ class Trace:
     lr: float  # the step actually used: H * W * eta0
 
 
+def representation_device(representation: Representation) -> torch.device:
+    """Where the representation's parameters (or buffers) live; CPU for a stateless one."""
+    for t in list(representation.parameters()) + list(representation.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def noise_init(shape: Sequence[int], seed: int, scale: float, generator: torch.Generator | None = None) -> Tensor:
     """Uniform noise in [-1, 1] rescaled so that its 95th percentile equals ``scale``.
 
@@ -93,11 +100,7 @@ def optimize(
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
-    if device is None:
-        p = next(iter(representation.parameters()), None)
-        b = next(iter(representation.buffers()), None)
-        device = (p if p is not None else b).device if (p is not None or b is not None) else "cpu"
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else representation_device(representation)
     T = settings.jitter if settings.jitter is not None else representation.geometry.jitter
     T = max(1, int(T))
     centre = (T - 1) // 2

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .defaults import PAPER, Settings
-from .engine import Callback, Stage, Trace, optimize
+from .engine import Callback, Stage, Trace, optimize, representation_device
 from .objectives import InnerProductLoss, L2Loss, ObjectiveError
 from .representations.base import Representation, RepresentationError
 
@@ -62,9 +62,7 @@ def _device_of(rep: Representation, device: torch.device | str | None) -> torch.
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RepresentationError("--device cuda was asked for but CUDA is not available")
         return dev
-    for t in list(rep.parameters()) + list(rep.buffers()):
-        return t.device
-    return torch.device("cpu")
+    return representation_device(rep)
 
 
 def _config(mode: str, rep: Representation, settings: Settings, trace: Trace, stages: Sequence[Stage],
@@ -125,8 +123,7 @@ def invert(
     with torch.no_grad():
         x0 = representation.preprocess(photos)
         target = representation(x0).float()
-    return invert_code(representation, target, tuple(photos.shape[-2:]), seeds, settings, mask, dev, callback,
-                       _originals=x0)
+    return invert_code(representation, target, tuple(photos.shape[-2:]), seeds, settings, mask, dev, callback)
 
 
 def invert_code(
@@ -138,7 +135,6 @@ def invert_code(
     mask: Tensor | None = None,
     device: torch.device | str | None = None,
     callback: Callback | None = None,
-    _originals: Tensor | None = None,
 ) -> Result:
     """Like :func:`invert` but from codes ``(B, ...)`` directly, for images of ``size``."""
     dev = _device_of(representation, device)
