@@ -35,6 +35,7 @@ console = Console(stderr=True)
 EXPECTED = (ImageError, RepresentationError, ObjectiveError, PreimageError, FileExistsError, OSError,
             click.BadParameter)
 SAMPLE = "astronaut"
+DEFAULT_PRECISION = "fp32"
 
 
 class UsageFailure(click.ClickException):
@@ -98,6 +99,26 @@ def _parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def _parse_channels(text: str) -> list[int]:
+    """``"0-47"``, ``"0,3,7"`` or ``"0-3,9"`` -> channel indices."""
+    chosen: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                chosen.extend(range(lo, hi + 1))
+            elif part:
+                chosen.append(int(part))
+        except ValueError:
+            raise click.BadParameter(f"--channels must look like '0-47' or '0,3,7', got {text!r}") from None
+    if not chosen:
+        raise click.BadParameter("--channels selects no channel")
+    return chosen
+
+
 def _settings(C: float, iterations: int, fine: int, jitter: int | None, alpha: float, beta: float, B: float,
               lr_fraction: float) -> Settings:
     if iterations < 0 or fine < 0:
@@ -146,13 +167,14 @@ def _load_module_cut(module: str, layer: str | None, weights: Path | None, prepr
 
 def _representation(rep: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str,
                     cell_size: int, color: bool, step: int | None = None, fast: bool = False,
-                    model_spec: str | None = None, exact_gradient: bool = False) -> Representation:
+                    model_spec: str | None = None, exact_gradient: bool = False,
+                    precision: str = "fp32") -> Representation:
     if model_spec is not None:
         from .models import load_model
 
         if not layer:
             raise click.BadParameter("--model needs --layer (see 'preimage layers --model ...')")
-        return load_model(model_spec, weights).representation(layer)
+        return load_model(model_spec, weights).representation(layer, precision)
     if module is not None:
         return _load_module_cut(module, layer, weights, preprocess)
     if rep is None:
@@ -240,6 +262,9 @@ common_rep = [
     click.option("--color/--gray", default=False, show_default=True, help="HOG on colour (max-gradient channel)."),
     click.option("--exact-gradient", is_flag=True,
                  help="Plain HOG: back-propagate its exact gradient (the paper) instead of HOGb's surrogate."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
+                 help="Arithmetic of a --model network (bf16: several times faster on AMX CPUs and GPUs; "
+                      "image and optimizer stay fp32)."),
 ]
 common_opt = [
     click.option("--C", "C", type=float, default=100.0, show_default=True, help="Loss weight C of eq. (1)."),
@@ -318,15 +343,21 @@ def _write_results(kind: str, result: Any, sources: list[Path], stems: list[str]
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True,
               help="Shorter side resized to SIZE and centre-cropped square (0: keep the image).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: next to each image).")
+@click.option("--window", type=click.IntRange(1), default=None,
+              help="Invert only the central WINDOW x WINDOW feature locations (eq. 3, Fig. 9); the receptive "
+                   "field of the window is drawn in a '.box.png' beside the result.")
+@click.option("--channels", default=None, help="Invert only these channels, e.g. '0-47' or '0,3,7' (eq. 3, Fig. 10).")
 def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None,
-           preprocess: str, exact_gradient: bool, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
+           preprocess: str, exact_gradient: bool, precision: str, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
            jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str,
-           overwrite: bool, size: int, out: Path | None) -> None:
+           overwrite: bool, size: int, out: Path | None, window: int | None, channels: str | None) -> None:
     """Reconstruct IMAGE(s) from their code alone (eq. 2), one run per seed.
 
     Without IMAGE, inverts HOG of scikit-image's bundled 'astronaut' photo into ./preimage-out/.
+    With --window or --channels only part of the code is matched (eq. 3).
     """
-    from .visualizations import invert as api_invert
+    from .render import draw_box
+    from .visualizations import channel_mask, code_shape, invert as api_invert, mask_support, window_mask
 
     with _errors():
         if not images:
@@ -334,7 +365,7 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
             rep = rep or ("hog" if model_spec is None and module is None else None)
             images = (_sample_image(out, size, overwrite),)
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
                                          exact_gradient=exact_gradient)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
@@ -343,7 +374,15 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
         out_for = (lambda src: out) if out is not None else (lambda src: src.parent)
         stems = [p.stem for p in images]
         name = representation.name.replace(":", "-")
-        planned = [out_for(p) / f"{p.stem}.{name}.invert.seed{s}.png" for p in images for s in seed_list]
+        kind = "invert"
+        if window is not None:
+            kind += f".window{window}"
+        if channels is not None:
+            channel_list = _parse_channels(channels)
+            kind += f".ch{channels.replace(',', '_')}"
+        planned = [out_for(p) / f"{p.stem}.{name}.{kind}.seed{s}.png" for p in images for s in seed_list]
+        if window is not None:
+            planned += [q.with_suffix(".box.png") for q in planned]
         _check_free(planned + [q.with_suffix(".json") for q in planned], overwrite)
         representation = representation.to(device)
         groups = [[i for i, p in enumerate(photos) if tuple(p.shape) == s] for s in shapes]
@@ -353,18 +392,34 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
                 task = progress.add_task(f"invert {representation.name} x{len(idx) * len(seed_list)}",
                                          total=iterations + fine_iterations, info="")
                 batch = torch.stack([photos[i] for i in idx])
-                result = api_invert(representation, batch, seeds=seed_list, settings=settings, device=device,
-                                    callback=_step_callback(progress, task))
+                hw = tuple(batch.shape[-2:])
+                mask, box = None, None
+                if window is not None or channels is not None:
+                    shape = code_shape(representation, hw, device)
+                    mask = torch.ones(shape)
+                    if window is not None:
+                        mask = mask * window_mask(shape, window)
+                        box = mask_support(representation, hw, mask, device)
+                    if channels is not None:
+                        mask = mask * channel_mask(shape, channel_list)
+                result = api_invert(representation, batch, seeds=seed_list, settings=settings, mask=mask,
+                                    device=device, callback=_step_callback(progress, task))
                 with torch.no_grad():
                     x0 = representation.preprocess(batch.to(device)).cpu()
-                _write_results("invert", result, [images[i] for i in idx], [stems[i] for i in idx], out_for,
-                               representation, {"size": size}, x0)
+                extra = {"size": size, "window": window, "channels": channels, "receptive_box": box}
+                _write_results(kind, result, [images[i] for i in idx], [stems[i] for i in idx], out_for,
+                               representation, extra, x0)
+                if box is not None:
+                    for n, el in enumerate(result.elements):
+                        i = idx[el["image"]]
+                        png = out_for(images[i]) / f"{stems[i]}.{name}.{kind}.seed{el['seed']}.box.png"
+                        save_png(draw_box(result.images[n], box), png)
                 for n, el in enumerate(result.elements):
                     errors[(idx[el["image"]], el["seed"])] = float(result.error[n])
         for i, p in enumerate(images):
             errs = [errors[(i, s)] for s in seed_list]
             click.echo(f"{p}: reconstruction error {', '.join(f'{100 * e:.1f}%' for e in errs)} "
-                       f"-> {out_for(p) / f'{p.stem}.{name}.invert.seed{seed_list[0]}.png'}")
+                       f"-> {out_for(p) / f'{p.stem}.{name}.{kind}.seed{seed_list[0]}.png'}")
 
 
 @main.command()
@@ -373,7 +428,7 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: next to each image).")
 def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None,
-               preprocess: str, exact_gradient: bool, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
+               preprocess: str, exact_gradient: bool, precision: str, cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int,
                jitter: int | None, alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str,
                overwrite: bool, size: int, out: Path | None) -> None:
     """Exaggerate what the representation sees in IMAGE(s) (section 7): Φ0 = max(0, Φ(x0)), start at x0."""
@@ -381,7 +436,7 @@ def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None
 
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
                                          exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
@@ -411,7 +466,7 @@ def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None
 @click.option("--stats", "stats_file", type=click.Path(path_type=Path),
               help="M per unit from 'preimage stats' (overrides --M).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("preimage-out"), show_default=True)
-def maximize(rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool,
+def maximize(rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool, precision: str,
              cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
              alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
              units: str, size: int, M: float, stats_file: Path | None, out: Path) -> None:
@@ -421,7 +476,7 @@ def maximize(rep: str | None, model_spec: str | None, module: str | None, layer:
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
         unit_list = _parse_ints(units, "units")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
                                          exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         name = representation.name.replace(":", "-")
@@ -542,7 +597,7 @@ def evaluate(rep: str, images_dir: Path, limit: int | None, size: int, cell_size
 @click.option("--values", default="1,20,100,300", show_default=True, help="Comma-separated values.")
 @click.option("--size", type=click.IntRange(0), default=160, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output PNG (a row of images).")
-def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool,
+def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | None, layer: str | None, weights: Path | None, preprocess: str, exact_gradient: bool, precision: str,
           cell_size: int, color: bool, C: float, iterations: int, fine_iterations: int, jitter: int | None,
           alpha: float, beta: float, B: float, lr_fraction: float, seeds: str, device: str, overwrite: bool,
           parameter: str, values: str, size: int, out: Path) -> None:
@@ -558,7 +613,7 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
         except ValueError:
             raise click.BadParameter(f"--values must be comma-separated numbers, got {values!r}") from None
         _check_free([out, out.with_suffix(".json")], overwrite)
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
                                          exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         photo = read_image(image, size=size or None, gray=representation.in_channels == 1)
@@ -641,6 +696,183 @@ def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, f
                                    on_step=_step_callback(progress, step_task))
         click.echo((out / "table4.md").read_text().rstrip())
         click.echo(f"-> {out / 'table4.md'}, {out / 'figure4.png'}")
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="alexnet, caffenet, vgg-m, vgg-vd-16, a deploy.prototxt or a .mat.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (.mat, .caffemodel, .pth).")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True, help="Folder of natural images.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Use the first N images.")
+@click.option("--layers", "layer_spec", default="main", show_default=True,
+              help="'main' (block outputs; every layer of AlexNet/VGG), 'all', or comma-separated names.")
+@click.option("--C", "C_values", default="1,20,100,300", show_default=True, help="Comma-separated values of C.")
+@click.option("--iterations", type=click.IntRange(0), default=300, show_default=True)
+@click.option("--fine-iterations", type=click.IntRange(0), default=50, show_default=True)
+@click.option("--jitter", type=click.IntRange(1), default=None, help="Jitter T (default: round(stride/4)).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
+              help="Arithmetic of the network during the optimization (errors are measured in fp32).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_valid_device)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+def table5(model_spec: str, weights: Path | None, images_dir: Path, limit: int, layer_spec: str, C_values: str,
+           iterations: int, fine_iterations: int, jitter: int | None, precision: str, seed: int, batch_size: int,
+           device: str, out: Path) -> None:
+    """The paper's Table 5 for a network: inversion error of every layer x C, with classification
+    consistency; writes table5.md, table5.json and table5.png (resumable: rerun to continue)."""
+    from .models import load_model
+    from .table5 import select_layers, table5 as api_table5
+
+    with _errors():
+        try:
+            Cs = [float(v) for v in C_values.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"--C must be comma-separated numbers, got {C_values!r}") from None
+        if not Cs or any(c < 0 for c in Cs):
+            raise click.BadParameter("--C needs at least one non-negative value")
+        loaded = load_model(model_spec, weights)
+        chosen = select_layers(loaded, layer_spec)
+        files = list_images(images_dir, limit)
+        _check_writable([out / "table5.md"])
+        settings = Settings(iterations=iterations, fine_iterations=fine_iterations, jitter=jitter)
+        with _progress() as progress:
+            cell = progress.add_task("table5", total=len(chosen) * len(Cs), info="")
+            task = progress.add_task("  images", total=len(files), info="")
+            step_task = progress.add_task("  iterations", total=iterations + fine_iterations, info="")
+
+            def on_cell(layer: str, C: float) -> None:
+                if progress.tasks[task].completed:
+                    progress.update(cell, advance=1)
+                progress.reset(task, total=len(files), description=f"  {layer} C={C:g}")
+
+            def on_batch(k: int) -> None:
+                progress.update(task, advance=k)
+                progress.reset(step_task)
+
+            api_table5(loaded, files, out, settings, chosen, Cs, precision=precision, seed=seed,
+                       batch_size=batch_size, device=device, on_cell=on_cell, on_batch=on_batch,
+                       on_step=_step_callback(progress, step_task))
+        click.echo((out / "table5.md").read_text().rstrip())
+        click.echo(f"-> {out / 'table5.md'}, {out / 'table5.png'}")
+
+
+FIGURES = {
+    "5": "fig05-layers", "8": "fig08-diversity", "9": "fig09-window", "10": "fig10-streams",
+    "11": "fig11-filters", "13": "fig13-classes", "14": "fig14-caricatures",
+}
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", required=True, help="alexnet, caffenet, vgg-m, vgg-vd-16, a deploy.prototxt or a .mat.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (.mat, .caffemodel, .pth).")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path),
+              help="Folder of natural images: the first --limit are visualized (if no IMAGE is given) and "
+                   "the first --stats-limit give M for activation maximization.")
+@click.option("--limit", type=click.IntRange(1), default=3, show_default=True, help="Images per figure.")
+@click.option("--figures", "which", default=",".join(FIGURES), show_default=True,
+              help="Which figures (5: every layer, 8: seeds, 9: 5x5 window, 10: channel streams, 11: filters, "
+                   "13: classes, 14: caricatures).")
+@click.option("--layers", "layer_spec", default="main", show_default=True, help="'main', 'all' or comma-separated names.")
+@click.option("--seeds", default="0,1,2,3", show_default=True, help="Seeds of Fig. 8.")
+@click.option("--window", type=click.IntRange(1), default=5, show_default=True, help="Fig. 9's window.")
+@click.option("--filters", type=click.IntRange(1), default=8, show_default=True, help="Filters per layer in Fig. 11.")
+@click.option("--classes", default="31,100,99,886", show_default=True,
+              help="Class neurons of Fig. 13 (default: tree frog, black swan, goose, vending machine).")
+@click.option("--labels", type=click.Path(path_type=Path), help="Class names (synset_words.txt) for Fig. 13.")
+@click.option("--stats", "stats_file", type=click.Path(path_type=Path), help="A 'preimage stats' file with M.")
+@click.option("--stats-limit", type=click.IntRange(1), default=50, show_default=True,
+              help="Images of --images used to measure M when no --stats file has the layer.")
+@click.option("--iterations", type=click.IntRange(0), default=300, show_default=True)
+@click.option("--fine-iterations", type=click.IntRange(0), default=50, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_valid_device)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Redo figures already in --out (by default they are kept).")
+def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, images_dir: Path | None, limit: int,
+            which: str, layer_spec: str, seeds: str, window: int, filters: int, classes: str, labels: Path | None,
+            stats_file: Path | None, stats_limit: int, iterations: int, fine_iterations: int, precision: str,
+            device: str, out: Path, overwrite: bool) -> None:
+    """The paper's Figures 5-15 for a network, as PNG grids with JSON sidecars.
+
+    Figures already in --out are kept, so an interrupted run continues where it stopped.
+    """
+    from . import figures as F
+    from .models import load_model
+    from .stats import unit_maxima, warp_crop
+    from .table5 import select_layers
+
+    with _errors():
+        wanted = [w.strip() for w in which.split(",") if w.strip()]
+        bad = [w for w in wanted if w not in FIGURES]
+        if bad or not wanted:
+            raise click.BadParameter(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FIGURES)}")
+        seed_list = _parse_ints(seeds, "seeds")
+        class_list = _parse_ints(classes, "classes")
+        loaded = load_model(model_spec, weights)
+        layers = select_layers(loaded, layer_spec)
+        files = list(images) or (list_images(images_dir, limit) if images_dir is not None else [])
+        needs_photos = {"5", "8", "9", "10", "14"} & set(wanted)
+        if needs_photos and not files:
+            raise click.BadParameter("give IMAGE(s) or --images DIR for figures 5, 8, 9, 10 and 14")
+        size = loaded.convention.input_size
+        photos = torch.stack([warp_crop(p, size) for p in files]) if files else None
+        names = loaded.classes
+        if labels is not None:
+            if not labels.is_file():
+                raise ImageError(f"labels file not found: {labels}")
+            names = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
+        _check_writable([out / "x.png"])
+        settings = Settings(iterations=iterations, fine_iterations=fine_iterations)
+        am_settings = settings.replace(C=1.0)  # section 6: C = 1 for activation maximization and caricatures
+        conv = F.filter_layers(loaded, layers)
+        last = next(n for n in reversed(loaded.layers) if n in select_layers(loaded, "all"))
+        maxima_cache: dict[str, torch.Tensor] = {}
+
+        def maxima(layer: str) -> torch.Tensor:
+            if layer in maxima_cache:
+                return maxima_cache[layer]
+            if stats_file is not None and stats_file.is_file():
+                stored = json.loads(stats_file.read_text()).get("layers", {})
+                if layer in stored:
+                    maxima_cache[layer] = torch.tensor(stored[layer]["max"])
+                    return maxima_cache[layer]
+            if images_dir is None:
+                raise click.BadParameter(f"M of {layer} is needed: give --stats FILE or --images DIR")
+            maxima_cache[layer] = unit_maxima(loaded.representation(layer), list_images(images_dir, stats_limit), size)
+            return maxima_cache[layer]
+
+        with _progress() as progress:
+            fig_task = progress.add_task("figures", total=len(wanted), info="")
+            step_task = progress.add_task("  iterations", total=None, info="")
+            cb = _step_callback(progress, step_task)
+            for w in wanted:
+                png = out / f"{FIGURES[w]}.png"
+                if png.exists() and not overwrite:
+                    progress.update(fig_task, advance=1, info=f"{png.name} kept")
+                    continue
+                progress.update(fig_task, description=f"figure {w}")
+                common = dict(precision=precision, device=device, callback=cb)
+                if w == "5":
+                    panel = F.layer_inversions(loaded, photos[:1], layers, settings, **common)
+                elif w == "8":
+                    panel = F.diversity(loaded, photos, F.spread(layers, 3)[-3:], settings, seed_list, **common)
+                elif w == "9":
+                    panel = F.window_inversions(loaded, photos[0], F.spatial_layers(loaded, layers, window + 2),
+                                                settings, window=window, **common)
+                elif w == "10":
+                    panel = F.stream_inversions(loaded, photos[0], F.spread(conv, 5), settings, **common)
+                elif w == "11":
+                    panel = F.filter_grid(loaded, conv, filters, {n: maxima(n) for n in conv}, am_settings, **common)
+                elif w == "13":
+                    panel = F.class_grid(loaded, last, class_list, maxima(last), am_settings, names, **common)
+                else:
+                    panel = F.caricature_grid(loaded, photos, F.spread(conv + [last], 6), am_settings, **common)
+                save_png(panel.image, png)
+                save_json({"figure": w, "model": loaded.name, "weights": loaded.source, "precision": precision,
+                           "images": [str(p) for p in files], "tiles": panel.tiles}, png.with_suffix(".json"))
+                progress.update(fig_task, advance=1)
+                click.echo(f"figure {w} -> {png}")
 
 
 @main.command()

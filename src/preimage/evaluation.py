@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .defaults import Settings
 from .io import ImageError, read_image, save_json, save_png
+from .engine import representation_device
 from .representations.base import Representation
 from .visualizations import invert
 
@@ -54,6 +55,9 @@ def evaluate_folder(
     on_batch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     hoggle: Any = None,
+    load: Callable[[Path], Tensor] | None = None,
+    judge: Representation | None = None,
+    classifier: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Invert every image with the Table 4 protocol; write PNGs, sidecars and return the summary.
 
@@ -61,10 +65,20 @@ def evaluate_folder(
     With ``hoggle`` (a trained :class:`preimage.hoggle.HoggleModel`) the images are inverted by
     the HOGgle baseline instead of the optimization, and the error is measured with
     ``representation`` (plain HOG, as in the paper's Table 4).
+
+    ``load`` reads one photo (default: shorter side to ``size``, centre crop; CNNs pass Caffe's
+    warp + crop).  ``judge`` measures the error instead of ``representation`` (e.g. the fp32
+    network when the optimization ran in bf16).  ``classifier`` maps images in Φ's input space to
+    top-1 classes: each sidecar then records the class of the original and of the
+    reconstruction, and the summary the *classification consistency* (the share that agree).
     """
     gray = representation.in_channels == 1
+    if load is None:
+        def load(p: Path) -> Tensor:
+            return read_image(p, size=size, gray=gray)
+    judge = judge if judge is not None else representation
     # Read every image first: a missing or corrupt one fails the run before any work is done.
-    photos: dict[Path, Tensor] = {p: read_image(p, size=size, gray=gray) for p in images}
+    photos: dict[Path, Tensor] = {p: load(p) for p in images}
     per_image: dict[str, dict[str, Any]] = {}
     todo: list[Path] = []
     for p in images:
@@ -73,6 +87,8 @@ def evaluate_folder(
             try:
                 rec = json.loads(side.read_text())
                 per_image[p.name] = {"image": p.name, "error": float(rec["error"]), "seconds": rec.get("seconds", 0.0)}
+                if classifier is not None:
+                    per_image[p.name] |= {"top1": int(rec["top1"]), "top1_original": int(rec["top1_original"])}
                 continue
             except (ValueError, KeyError):
                 pass
@@ -86,6 +102,9 @@ def evaluate_folder(
         if hoggle is None:
             result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step)
             pictures, errs = result.images, result.error
+            if judge is not representation:
+                jdev = representation_device(judge)
+                errs = reconstruction_error(judge, result.x.to(jdev), judge.preprocess(batch.to(jdev))).cpu()
             energies = [result.final_energies(i) for i in range(len(chunk))]
             config = result.config
         else:
@@ -97,6 +116,12 @@ def evaluate_folder(
             pictures, energies = recons.expand(-1, 3, -1, -1), [{} for _ in chunk]
             config = {"mode": "hoggle", "representation": representation.name, "hoggle": hoggle.info}
         seconds = (time.perf_counter() - t0) / len(chunk)
+        labels: list[dict[str, int]] = [{} for _ in chunk]
+        if classifier is not None:
+            x_star = judge.preprocess(pictures.float()) if hoggle is not None else result.x
+            top1 = classifier(x_star).tolist()
+            top0 = classifier(judge.preprocess(batch)).tolist()
+            labels = [{"top1": int(a), "top1_original": int(b)} for a, b in zip(top1, top0)]
         for i, p in enumerate(chunk):
             err = float(errs[i])
             save_png(pictures[i], out / f"{p.stem}.png")
@@ -106,22 +131,27 @@ def evaluate_folder(
                     "seed": seed,
                     "error": err,
                     "seconds": seconds,
+                    **labels[i],
                     "final_energies": energies[i],
                     "config": config | {"size": size, "batch_size": len(chunk)},
                 },
                 out / f"{p.stem}.json",
             )
-            per_image[p.name] = {"image": p.name, "error": err, "seconds": seconds}
+            per_image[p.name] = {"image": p.name, "error": err, "seconds": seconds, **labels[i]}
         if on_batch is not None:
             on_batch(len(chunk))
     rows = [per_image[p.name] for p in images]
     errors = [r["error"] for r in rows]
     done = [r["seconds"] for r in rows if r["seconds"]]
+    consistency = {}
+    if classifier is not None:
+        consistency = {"consistency": sum(r["top1"] == r["top1_original"] for r in rows) / len(rows)}
     return {
         "rep": representation.name,
         "method": "hoggle" if hoggle is not None else "optimization",
         "n_images": len(rows),
         **summarize(errors),
+        **consistency,
         "seconds_per_image": sum(done) / len(done) if done else 0.0,
         "size": size,
         "C": settings.C,

@@ -45,3 +45,33 @@ def render_hog(code: Tensor, glyph_size: int = 21, num_orientations: int = 9) ->
     img = tiles.permute(0, 2, 1, 3).reshape(h * glyph_size, w * glyph_size)
     m = img.max()
     return (img / m if m > 0 else img).unsqueeze(0)
+
+
+def draw_box(photo: Tensor, box: tuple[int, int, int, int], width: int = 1, value: float = 1.0) -> Tensor:
+    """A copy of ``photo`` ``(C, H, W)`` with the rectangle ``(top, left, bottom, right)``
+    (inclusive, clipped to the image) outlined in ``value`` (white): Figure 9's receptive field."""
+    out = photo.clone()
+    H, W = out.shape[-2:]
+    t, l, b, r = max(0, box[0]), max(0, box[1]), min(H - 1, box[2]), min(W - 1, box[3])
+    if t > b or l > r:
+        return out
+    out[:, t : min(t + width, b + 1), l : r + 1] = value
+    out[:, max(b - width + 1, t) : b + 1, l : r + 1] = value
+    out[:, t : b + 1, l : min(l + width, r + 1)] = value
+    out[:, t : b + 1, max(r - width + 1, l) : r + 1] = value
+    return out
+
+
+def caption(photo: Tensor, text: str, height: int = 14) -> Tensor:
+    """``photo`` ``(3, H, W)`` with a white strip below holding ``text`` in black (PIL's default font)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    C, H, W = photo.shape
+    strip = Image.new("RGB", (W, height), "white")
+    draw = ImageDraw.Draw(strip)
+    while text and draw.textlength(text) > W - 2:
+        text = text[:-1]
+    draw.text((1, 1), text, fill="black")
+    label = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255).permute(2, 0, 1)
+    return torch.cat([photo.expand(3, H, W), label], dim=1)

@@ -284,3 +284,48 @@ def caricature(
         config=_config("caricature", representation, settings, trace, stages, dev),
         extra={"initial_activation": start},
     )
+
+
+def window_mask(code_shape: Sequence[int], window: int = 5) -> Tensor:
+    """Eq. (3)'s mask for Figure 9: the central ``window x window`` locations, all channels."""
+    if len(code_shape) != 3:
+        raise ObjectiveError(f"a spatial window needs a (channels, h, w) code, not {tuple(code_shape)}")
+    K, h, w = code_shape
+    if window < 1:
+        raise ObjectiveError("the window must be at least 1x1")
+    mask = torch.zeros(tuple(code_shape))
+    r0, c0 = max(0, (h - window) // 2), max(0, (w - window) // 2)
+    mask[:, r0 : r0 + window, c0 : c0 + window] = 1
+    return mask
+
+
+def channel_mask(code_shape: Sequence[int], channels: Sequence[int]) -> Tensor:
+    """Eq. (3)'s mask for Figure 10: a subset of channels (e.g. one of CaffeNet's two streams)."""
+    K = code_shape[0]
+    bad = [c for c in channels if not 0 <= c < K]
+    if bad or not channels:
+        raise ObjectiveError(f"channel {bad[0]} out of range: the code has {K} channels" if bad
+                             else "no channels selected")
+    mask = torch.zeros(tuple(code_shape))
+    mask[list(channels)] = 1
+    return mask
+
+
+def mask_support(representation: Representation, size: tuple[int, int], mask: Tensor,
+                 device: torch.device | str | None = None) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)``: the pixels on which the masked code depends (its overall
+    receptive field; the white box of Figure 9), found by back-propagating random inputs."""
+    dev = _device_of(representation, device)
+    support = torch.zeros(size, dtype=torch.bool, device=dev)
+    g = torch.Generator().manual_seed(0)
+    m = mask.to(dev)
+    for _ in range(2):
+        x = (torch.randn(1, representation.in_channels, *size, generator=g) * 50).to(dev).requires_grad_(True)
+        with torch.enable_grad():
+            (representation(x).float().abs() * m).sum().backward()
+        assert x.grad is not None
+        support |= x.grad[0].abs().sum(0) > 0
+    rows, cols = support.any(1).nonzero(), support.any(0).nonzero()
+    if len(rows) == 0:
+        return (0, 0, -1, -1)
+    return (int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max()))

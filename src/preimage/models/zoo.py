@@ -43,10 +43,11 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ..representations.base import Geometry, RepresentationError
-from ..representations.cnn import ModuleCut
+from ..representations.cnn import ModuleCut, low_precision
 from .caffe import CaffeInnerProduct, CaffeLRN, CaffeNet, CaffePooling, ModelError, load_caffe, read_caffemodel
 from .matconvnet import _is_hdf5, load_matconvnet
 from .networks import (
@@ -98,6 +99,7 @@ class LoadedModel:
     source: str = "random initialization"
     arch: str | None = None
     classes: list[str] | None = field(default=None, repr=False)
+    _bf16: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def pretrained(self) -> bool:
@@ -123,10 +125,22 @@ class LoadedModel:
         self.module_name(layer)
         return layer_geometry(self.module, layer, input_size or self.convention.input_size)
 
-    def representation(self, layer: str) -> ModuleCut:
+    def compute_module(self, precision: str = "fp32") -> nn.Module:
+        """The network in ``precision``: ``fp32`` is :attr:`module` itself; ``bf16`` a cached
+        bf16 channels-last copy (:func:`preimage.representations.cnn.low_precision`)."""
+        if precision == "fp32":
+            return self.module
+        if precision != "bf16":
+            raise RepresentationError(f"unknown precision {precision!r} (fp32 or bf16)")
+        if self._bf16 is None:
+            self._bf16 = low_precision(self.module, torch.bfloat16)
+        return self._bf16
+
+    def representation(self, layer: str, precision: str = "fp32") -> ModuleCut:
         """Φ = the output of ``layer``, in this model's input convention, with analytic geometry.
 
         The representation's name is ``"<model>:<layer>"`` (``/`` in Caffe layer names becomes ``_``).
+        ``precision="bf16"`` computes the network in bf16 (image, code and optimizer stay fp32).
         """
         from ..geometry import GeometryError
 
@@ -136,8 +150,9 @@ class LoadedModel:
         except GeometryError:
             geometry = None  # an exotic layer: let ModuleCut measure it
         safe = layer.replace("/", "_").replace("\\", "_")  # names end up in file names
-        return ModuleCut(self.module, module_name, **self.convention.module_cut_kwargs(), geometry=geometry,
-                         name=f"{self.name}:{safe}", probe_size=self.convention.input_size)
+        return ModuleCut(self.compute_module(precision), module_name, **self.convention.module_cut_kwargs(),
+                         geometry=geometry, name=f"{self.name}:{safe}", probe_size=self.convention.input_size,
+                         channels_last=precision != "fp32")
 
     def layer_table(self, input_size: int | None = None) -> list[LayerInfo]:
         """``(name, output shape, receptive field, stride)`` of every layer for a square input."""

@@ -1,0 +1,675 @@
+"""Benchmark suite of the pre-image engine (issue 5 §1).
+
+For every *case* -- a representation (HOG, HOGb, DSIFT, or a CNN cut at a layer), an input size,
+a precision and a batch size -- one run measures:
+
+* **engine**: seconds per image per iteration of the whole engine step of
+  :func:`preimage.engine.optimize` (jitter crop, Φ forward, loss, regularizers, backward to the
+  image, Algorithm-1 update, projection), timed over ``k`` iterations after a warm-up;
+* **bare**: the same for a bare forward + backward-to-input of the representation
+  (``rep(x).square().sum().backward()``, no weight gradients), and the ratio engine / bare;
+* **full inversion**: seconds per image of the default inversion (300 + 50 = 350 iterations,
+  :func:`preimage.visualizations.invert`): really run for HOG / HOGb / DSIFT, estimated as
+  ``350 x engine step`` for CNNs (``"estimated": true``) unless ``--full``;
+* **FLOPs** of one bare forward + backward (:class:`torch.utils.flop_counter.FlopCounterMode`;
+  null for HOG / DSIFT, whose work is mostly not counted), the achieved GFLOP/s of the engine step
+  and its fraction of the machine's peak, measured in the same run by a large matrix product in
+  fp32 and in bf16;
+* **peak memory** of the case, run in a fresh subprocess (``--case ID --json-line``):
+  ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+
+It prints a table and a *targets* section (PASS / FAIL / SKIP with the numbers, never an
+assertion) and writes everything to a JSON file (atomically, after every case).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/run.py                                 # everything, CPU
+    .venv/bin/python benchmarks/run.py --quick --only hog --out /tmp/x.json   # smoke test, seconds
+    .venv/bin/python benchmarks/run.py --only squeezenet,alexnet --precision bf16 --batch 1,16
+    .venv/bin/python benchmarks/run.py --device cuda --full
+    .venv/bin/python benchmarks/run.py --case "alexnet/conv3@227:bf16:b16" --json-line   # one case
+
+Case ids read ``FAMILY[/LAYER]@SIZE:PRECISION:bBATCH``, e.g. ``hog@160:fp32:b16`` or
+``squeezenet/fire5/concat@227:bf16:b1``.  ``--only`` takes families (``hog``, ``hogb``, ``dsift``,
+``squeezenet``, ``alexnet``, ``vgg-m``, ``vgg-vd-16``) or ``family/layer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from preimage.defaults import PAPER
+from preimage.engine import Stage, optimize
+from preimage.objectives import L2Loss
+from preimage.representations.base import Representation
+
+HERE = Path(__file__).resolve()
+SHARED = HERE.parents[2] / "shared"  # beside the checkout
+SQUEEZENET_DIR = SHARED / "models" / "squeezenet-v1.0"
+DEFAULT_OUT = HERE.parent / "results.json"
+FULL_ITERATIONS = PAPER.iterations + PAPER.fine_iterations  # 350: the default inversion
+
+SHALLOW = ("hog", "hogb", "dsift")
+CNN_LAYERS: dict[str, tuple[str, str, str]] = {  # early, middle, last
+    "squeezenet": ("conv1", "fire5/concat", "pool_final"),
+    "alexnet": ("conv1", "conv3", "fc8"),
+    "vgg-m": ("conv1", "conv3", "fc8"),
+    "vgg-vd-16": ("conv1_1", "conv3_3", "fc8"),
+}
+CNN_INPUT = {"squeezenet": 227, "alexnet": 227, "vgg-m": 224, "vgg-vd-16": 224}
+FAMILIES = (*SHALLOW, *CNN_LAYERS)
+
+Record = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------ cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a representation at an input size, precision and batch size."""
+
+    family: str
+    layer: str | None  # None for HOG / HOGb / DSIFT
+    size: int
+    precision: str
+    batch: int
+
+    @property
+    def shallow(self) -> bool:
+        return self.layer is None
+
+    @property
+    def id(self) -> str:
+        name = self.family if self.layer is None else f"{self.family}/{self.layer}"
+        return f"{name}@{self.size}:{self.precision}:b{self.batch}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        """Inverse of :attr:`id`."""
+        try:
+            name, rest = text.split("@", 1)
+            size, precision, batch = rest.split(":")
+            family, _, layer = name.partition("/")
+            if family not in FAMILIES or precision not in ("fp32", "bf16") or not batch.startswith("b"):
+                raise ValueError
+            return cls(family, layer or None, int(size), precision, int(batch[1:]))
+        except ValueError:
+            raise SystemExit(f"bad case id {text!r}: expected FAMILY[/LAYER]@SIZE:PRECISION:bBATCH") from None
+
+
+def select_cases(only: Sequence[str] | None, sizes: Sequence[int], precisions: Sequence[str],
+                 batches: Sequence[int], quick: bool) -> list[Case]:
+    """The cases of a run, in table order.
+
+    ``only`` holds families (all their default layers; ``quick``: the early layer only) or
+    ``family/layer`` (that layer, which may be any layer of the network).
+    """
+    wanted = list(dict.fromkeys(only or []))
+    bad = [w for w in wanted if w.split("/", 1)[0] not in FAMILIES or (w.split("/", 1)[0] in SHALLOW and "/" in w)]
+    if bad:
+        raise SystemExit(f"--only: unknown {', '.join(bad)}; choose from {', '.join(FAMILIES)} or a CNN's family/layer")
+
+    cases: list[Case] = []
+    for family in SHALLOW:
+        if not wanted or family in wanted:
+            cases += [Case(family, None, size, "fp32", batch) for size in sizes for batch in batches]
+    for family, default_layers in CNN_LAYERS.items():
+        named = [w.split("/", 1)[1] for w in wanted if w.startswith(f"{family}/")]
+        layers = list(default_layers[:1] if quick else default_layers) if not wanted or family in wanted else []
+        layers += [layer for layer in named if layer not in layers]
+        cases += [Case(family, layer, CNN_INPUT[family], precision, batch)
+                  for layer in layers for precision in precisions for batch in batches]
+    return cases
+
+
+# ------------------------------------------------------------------------- representations
+
+
+def squeezenet_prototxt() -> str:
+    """SqueezeNet v1.0's deploy.prototxt (same layer names as the released one), for random weights."""
+    out = ['name: "SqueezeNet_v1.0"', 'input: "data"', "input_dim: 1", "input_dim: 3", "input_dim: 227",
+           "input_dim: 227"]
+
+    def layer(name: str, kind: str, bottoms: Sequence[str], top: str, params: str = "") -> None:
+        lines = [f'  name: "{name}"', f'  type: "{kind}"', *(f'  bottom: "{b}"' for b in bottoms),
+                 f'  top: "{top}"']
+        out.append("layer {\n" + "\n".join(lines) + (f"\n  {params}" if params else "") + "\n}")
+
+    def conv(name: str, bottom: str, num: int, kernel: int, stride: int = 1, pad: int = 0) -> str:
+        layer(name, "Convolution", [bottom], name,
+              f"convolution_param {{ num_output: {num} kernel_size: {kernel} stride: {stride} pad: {pad} }}")
+        layer(f"{name.rsplit('/', 1)[0]}/relu_{name.rsplit('/', 1)[-1]}" if "/" in name else f"relu_{name}",
+              "ReLU", [name], name)
+        return name
+
+    def pool(name: str, bottom: str) -> str:
+        layer(name, "Pooling", [bottom], name, "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
+        return name
+
+    top = pool("pool1", conv("conv1", "data", 96, 7, stride=2))
+    fires = {2: (16, 64), 3: (16, 64), 4: (32, 128), 5: (32, 128), 6: (48, 192), 7: (48, 192), 8: (64, 256),
+             9: (64, 256)}
+    for i, (squeeze, expand) in fires.items():
+        s = conv(f"fire{i}/conv1x1_1", top, squeeze, 1)
+        e1 = conv(f"fire{i}/conv1x1_2", s, expand, 1)
+        e3 = conv(f"fire{i}/conv3x3_2", s, expand, 3, pad=1)
+        top = f"fire{i}/concat"
+        layer(top, "Concat", [e1, e3], top)
+        if i in (4, 8):
+            top = pool(f"pool{i}", top)
+    layer("drop9", "Dropout", [top], top, "dropout_param { dropout_ratio: 0.5 }")
+    final = conv("conv_final", top, 1000, 1, pad=1)
+    layer("pool_final", "Pooling", [final], "pool_final", "pooling_param { pool: AVE global_pooling: true }")
+    return "\n".join(out) + "\n"
+
+
+def load_squeezenet(force_random: bool = False) -> tuple[Any, str]:
+    """SqueezeNet v1.0: the released weights from ``../shared`` if present, else random weights."""
+    from preimage.models.zoo import load_model
+
+    proto, weights = SQUEEZENET_DIR / "deploy.prototxt", SQUEEZENET_DIR / "squeezenet_v1.0.caffemodel"
+    if not force_random and proto.is_file() and weights.is_file():
+        return load_model(proto, weights), "real"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "squeezenet-v1.0" / "deploy.prototxt"
+        path.parent.mkdir()
+        path.write_text(squeezenet_prototxt())
+        return load_model(path), "random"
+
+
+def build_representation(case: Case, force_random_squeezenet: bool = False) -> tuple[Representation, str]:
+    """The representation Φ of ``case`` and its weights (``"real"``, ``"random"`` or ``"n/a"``)."""
+    if case.shallow:
+        from preimage.representations import make_representation
+
+        return make_representation(case.family), "n/a"
+    assert case.layer is not None
+    if case.family == "squeezenet":
+        loaded, weights = load_squeezenet(force_random_squeezenet)
+    else:
+        from preimage.models.zoo import load_model
+
+        loaded, weights = load_model(case.family), "random"
+    return loaded.representation(case.layer, precision=case.precision), weights
+
+
+def sample_photos(batch: int, size: int) -> Tensor:
+    """``batch`` copies of scikit-image's astronaut, centre-cropped and resized to ``size`` (RGB, [0, 1])."""
+    try:
+        from skimage import data
+
+        photo = torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1).float() / 255
+    except Exception:  # pragma: no cover - a smooth synthetic image instead
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, 512), torch.linspace(0, 1, 512), indexing="ij")
+        photo = torch.stack([yy, xx, (torch.sin(12 * xx) * torch.cos(9 * yy) + 1) / 2])
+    side = min(photo.shape[-2:])
+    top, left = (photo.shape[-2] - side) // 2, (photo.shape[-1] - side) // 2
+    photo = photo[None, :, top : top + side, left : left + side]
+    photo = torch.nn.functional.interpolate(photo, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).clamp(0, 1)
+    return photo.expand(batch, -1, -1, -1).contiguous()
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (CUDA); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup: int, iters: int,
+                device: torch.device) -> float:
+    """Seconds per engine step (whole batch): ``iters`` steps of one :func:`optimize` call after ``warmup``.
+
+    Time stamps are taken in the engine's callback, called every ``gcd(warmup, iters)`` steps,
+    so set-up and tear-down of :func:`optimize` are not counted.
+    """
+    stamps: dict[int, float] = {}
+
+    def stamp(t: int, _total: int, _energies: dict[str, float]) -> None:
+        synchronize(device)
+        stamps[t] = time.perf_counter()
+
+    optimize(rep, loss, (size, size), list(range(batch)), PAPER, [Stage(warmup + iters)], device=device,
+             callback=stamp, callback_every=math.gcd(warmup, iters))
+    return (stamps[warmup + iters] - stamps[warmup]) / iters
+
+
+def bare_step(rep: Representation, x: Tensor) -> None:
+    """One forward + backward to the input ``x`` (no weight gradients)."""
+    x.grad = None
+    rep(x).square().sum().backward()
+
+
+def bare_input(rep: Representation, batch: int, size: int, device: torch.device) -> Tensor:
+    """A noise image batch in the representation's input space, requiring gradients."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, rep.in_channels, size, size, generator=g) * 40).to(device).requires_grad_()
+
+
+def time_bare(rep: Representation, batch: int, size: int, warmup: int, iters: int, device: torch.device) -> float:
+    """Seconds per bare forward + backward-to-input (whole batch)."""
+    x = bare_input(rep, batch, size, device)
+    for _ in range(warmup):
+        bare_step(rep, x)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        bare_step(rep, x)
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def count_flops(rep: Representation, batch: int, size: int, device: torch.device) -> int:
+    """FLOPs counted by :class:`FlopCounterMode` in one bare forward + backward (whole batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = bare_input(rep, batch, size, device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        bare_step(rep, x)
+    return int(counter.get_total_flops())
+
+
+def time_full_inversion(rep: Representation, photos: Tensor, device: torch.device) -> float:
+    """Seconds for the default inversion (300 + 50 iterations) of the whole batch, target code included."""
+    from preimage.visualizations import invert
+
+    synchronize(device)
+    start = time.perf_counter()
+    invert(rep, photos, seeds=[0], settings=PAPER, device=device)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def max_rss_mb() -> float:
+    """The process's peak resident set size so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def run_case(case: Case, opts: argparse.Namespace) -> Record:
+    """Measure one case in this process (meant to be a fresh one: peak memory is the process's)."""
+    device = torch.device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    rss_before = max_rss_mb()
+    rep, weights = build_representation(case, opts.random_squeezenet)
+    rep = rep.to(device)
+    photos = sample_photos(case.batch, case.size).to(device)
+    with torch.no_grad():
+        target = rep(rep.preprocess(photos)).float()
+    loss = L2Loss(target)
+    iters = opts.shallow_iters if case.shallow else opts.iters
+    warmup = max(1, opts.warmup)
+
+    engine = time_engine(rep, loss, case.size, case.batch, warmup, iters, device)
+    bare = time_bare(rep, case.batch, case.size, warmup, iters, device)
+    flops = count_flops(rep, case.batch, case.size, device)
+    estimated = not (case.shallow or opts.full)
+    full = FULL_ITERATIONS * engine if estimated else time_full_inversion(rep, photos, device)
+
+    per_img = 1.0 / case.batch
+    gflop = None if case.shallow or flops == 0 else flops * per_img / 1e9
+    if device.type == "cuda":
+        peak_mb, memory = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    else:
+        peak_mb, memory = max_rss_mb(), "ru_maxrss"
+    return {
+        "id": case.id,
+        "family": case.family,
+        "layer": case.layer,
+        "kind": "shallow" if case.shallow else "cnn",
+        "size": case.size,
+        "precision": case.precision,
+        "batch": case.batch,
+        "device": str(device),
+        "representation": getattr(rep, "name", case.family),
+        "weights": weights,
+        "code_shape": list(target.shape[1:]),
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "iterations_timed": iters,
+        "engine_s_per_img_iter": engine * per_img,
+        "bare_s_per_img_iter": bare * per_img,
+        "ratio_engine_bare": engine / bare,
+        "full_inversion_iterations": FULL_ITERATIONS,
+        "full_inversion_s_per_img": full * per_img,
+        "estimated": estimated,
+        "flops_counted_per_iter": flops,
+        "gflop_per_img_iter": gflop,
+        "gflops_engine": None if gflop is None else gflop / (engine * per_img),
+        "gflops_bare": None if gflop is None else gflop / (bare * per_img),
+        "peak_memory_mb": peak_mb,
+        "memory_measure": memory,
+        "rss_before_mb": rss_before,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def measure_peak(device: torch.device, precisions: Sequence[str], size: int, reps: int) -> dict[str, float]:
+    """Peak GFLOP/s of a ``size x size`` matrix product per precision (best of ``reps`` after a warm-up)."""
+    peak: dict[str, float] = {}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for precision in precisions:
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(size, size, generator=g).to(device, dtypes[precision]) for _ in range(2))
+        a @ b
+        synchronize(device)
+        best = math.inf
+        for _ in range(max(1, reps)):
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        peak[precision] = 2 * size**3 / best / 1e9
+    return peak
+
+
+def machine_info(device: torch.device) -> Record:
+    """Threads, CPU model, torch version and accelerator of this run."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: Record = {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "squeezenet_weights": "real" if (SQUEEZENET_DIR / "squeezenet_v1.0.caffemodel").is_file() else "random",
+    }
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+# ------------------------------------------------------------------------------------ targets
+
+
+def _target(tid: str, text: str, checks: list[Record], threshold: float, better: str) -> Record:
+    """Aggregate per-item ``checks`` (each with a ``value``) into one PASS / FAIL / SKIP target."""
+    ok = (lambda v: v <= threshold) if better == "lower" else (lambda v: v >= threshold)
+    for c in checks:
+        c["pass"] = ok(c["value"])
+    if not checks:
+        return {"id": tid, "target": text, "status": "SKIP", "value": None, "threshold": threshold,
+                "checks": [], "note": "not measured in this run"}
+    worst = max(checks, key=lambda c: c["value"]) if better == "lower" else min(checks, key=lambda c: c["value"])
+    return {"id": tid, "target": text, "status": "PASS" if all(c["pass"] for c in checks) else "FAIL",
+            "value": worst["value"], "worst": worst["item"], "threshold": threshold, "checks": checks,
+            "failing": [c["item"] for c in checks if not c["pass"]]}
+
+
+def evaluate_targets(records: Sequence[Record]) -> list[Record]:
+    """The four issue-5 targets, computed from the measured cases (reported, never asserted)."""
+    ok = [r for r in records if "error" not in r]
+
+    def find(**fields: Any) -> list[Record]:
+        return [r for r in ok if all(r[k] == v for k, v in fields.items())]
+
+    targets = []
+    for family in ("hog", "dsift"):
+        checks = [{"item": r["id"], "value": r["full_inversion_s_per_img"], "estimated": r["estimated"]}
+                  for r in find(family=family, size=160, batch=16)]
+        targets.append(_target(f"1-{family}", f"{family.upper()} default inversion ({FULL_ITERATIONS} it.) "
+                               f"of 160x160 at batch 16 <= 0.5 s/img", checks, 0.5, "lower"))
+    checks = [{"item": r["id"], "value": r["ratio_engine_bare"]} for r in find(kind="cnn")]
+    targets.append(_target("2", "engine step <= 1.2x bare fwd+bwd for every CNN layer", checks, 1.2, "lower"))
+    checks = []
+    for r in find(family="vgg-vd-16", precision="bf16"):
+        if r["layer"].startswith("conv"):
+            for f in find(family="vgg-vd-16", precision="fp32", layer=r["layer"], batch=r["batch"], size=r["size"]):
+                checks.append({"item": f"vgg-vd-16/{r['layer']} b{r['batch']}",
+                               "value": f["bare_s_per_img_iter"] / r["bare_s_per_img_iter"]})
+    targets.append(_target("3", "bf16 >= 3x faster than fp32, VGG-VD-16 conv layers (bare fwd+bwd)",
+                           checks, 3.0, "higher"))
+    checks = []
+    for r in find(batch=16):
+        if r["family"] in ("squeezenet", "alexnet"):
+            for one in find(family=r["family"], layer=r["layer"], precision=r["precision"], size=r["size"], batch=1):
+                checks.append({"item": f"{r['family']}/{r['layer']} {r['precision']}",
+                               "value": one["engine_s_per_img_iter"] / r["engine_s_per_img_iter"]})
+    targets.append(_target("4", "batch 16 >= 1.5x the throughput of batch 1, SqueezeNet and AlexNet (engine)",
+                           checks, 1.5, "higher"))
+    return targets
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def write_json(path: Path, payload: Record) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _num(value: float | None, scale: float = 1.0, digits: int = 3, prefix: str = "") -> str:
+    if value is None:
+        return "-"
+    v = value * scale
+    return prefix + (f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}")
+
+
+def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dict[str, float]) -> None:
+    """The results table and the targets section (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title="preimage benchmarks (per image; ~ = estimated as 350 x engine step)")
+    for col in ("case", "batch", "precision", "engine ms/img/iter", "bare ms/img/iter", "ratio",
+                "full inv. s/img", "GFLOP/iter", "GFLOP/s", "% peak", "peak MB"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in records:
+        name = r["family"] if r.get("layer") is None else f"{r['family']}/{r['layer']}"
+        name = f"{name}@{r['size']}"
+        if "error" in r:
+            table.add_row(name, str(r["batch"]), r["precision"], f"[red]error: {r['error'][:60]}[/red]",
+                          *["-"] * 7)
+            continue
+        table.add_row(name, str(r["batch"]), r["precision"], _num(r["engine_s_per_img_iter"], 1e3),
+                      _num(r["bare_s_per_img_iter"], 1e3), _num(r["ratio_engine_bare"], digits=2),
+                      _num(r["full_inversion_s_per_img"], prefix="~" if r["estimated"] else ""),
+                      _num(r["gflop_per_img_iter"]), _num(r["gflops_engine"]), _num(r["pct_of_peak"], digits=2),
+                      _num(r["peak_memory_mb"], digits=4))
+    console.print(table)
+    console.print("peak (matrix product): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()))
+    console.print("\n[bold]targets[/bold]")
+    colour = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
+    for t in targets:
+        line = f"[{colour[t['status']]}]{t['status']}[/] {t['id']:>7}  {t['target']}"
+        if t["status"] != "SKIP":
+            line += f": worst {t['value']:.3g} ({t['worst']}), threshold {t['threshold']:g}"
+            if any(c.get("estimated") for c in t["checks"]):
+                line += " [estimated]"
+            if t["failing"]:
+                shown = ", ".join(t["failing"][:6]) + (", ..." if len(t["failing"]) > 6 else "")
+                line += f"; failing {len(t['failing'])}/{len(t['checks'])}: {shown}"
+        else:
+            line += f": {t['note']}"
+        console.print(line, highlight=False)
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [kind(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``None`` defaults are filled in by :func:`apply_defaults`."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--only", type=_csv(str), help="families or family/layer, comma-separated (default: all)")
+    p.add_argument("--precision", type=_csv(str), help="CNN precisions (default fp32,bf16; --quick: fp32)")
+    p.add_argument("--batch", type=_csv(int), help="batch sizes (default 1,16; --quick: 1)")
+    p.add_argument("--sizes", type=_csv(int), help="HOG/HOGb/DSIFT sizes (default 160,227; --quick: 160)")
+    p.add_argument("--iters", type=int, help="timed engine / bare iterations for CNNs (default 5; --quick: 2)")
+    p.add_argument("--shallow-iters", type=int, help="the same for HOG/HOGb/DSIFT (default 20; --quick: 3)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default 2; --quick: 1)")
+    p.add_argument("--full", action="store_true", help="really run the 350-iteration inversion for CNNs too")
+    p.add_argument("--quick", action="store_true", help="smoke test: few iterations, batch 1, early layers, fp32")
+    p.add_argument("--peak-size", type=int, help="side of the peak matrix product (default 4096; --quick: 1024)")
+    p.add_argument("--peak-reps", type=int, help="timed repetitions of the peak product (default 3, cuda 20)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in every process (default: torch's)")
+    p.add_argument("--random-squeezenet", action="store_true", help="random SqueezeNet weights even if shared")
+    p.add_argument("--case-timeout", type=float, default=3600.0, help="seconds allowed to one case")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    p.add_argument("--case", help="measure this one case id in this process (used by the driver)")
+    p.add_argument("--json-line", action="store_true", help="with --case: print the record as one JSON line")
+    return p.parse_args(argv)
+
+
+def apply_defaults(opts: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options with the full or the ``--quick`` defaults."""
+    q = opts.quick
+    defaults = {
+        "precision": ["fp32"] if q else ["fp32", "bf16"],
+        "batch": [1] if q else [1, 16],
+        "sizes": [160] if q else [160, 227],
+        "iters": 2 if q else 5,
+        "shallow_iters": 3 if q else 20,
+        "warmup": 1 if q else 2,
+        "peak_size": 1024 if q else 4096,
+        "peak_reps": 2 if q else (20 if opts.device == "cuda" else 3),
+    }
+    for key, value in defaults.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    bad = set(opts.precision) - {"fp32", "bf16"}
+    if bad:
+        raise SystemExit(f"--precision: unknown {', '.join(sorted(bad))} (fp32, bf16)")
+    if min(opts.iters, opts.shallow_iters) < 1:
+        raise SystemExit("--iters and --shallow-iters must be at least 1")
+    return opts
+
+
+def child_argv(case: Case, opts: argparse.Namespace) -> list[str]:
+    """The command line measuring ``case`` in a fresh process."""
+    argv = [sys.executable, str(HERE), "--case", case.id, "--json-line", "--device", opts.device,
+            "--iters", str(opts.iters), "--shallow-iters", str(opts.shallow_iters), "--warmup", str(opts.warmup)]
+    if opts.full:
+        argv.append("--full")
+    if opts.threads:
+        argv += ["--threads", str(opts.threads)]
+    if opts.random_squeezenet:
+        argv.append("--random-squeezenet")
+    return argv
+
+
+def run_in_subprocess(case: Case, opts: argparse.Namespace) -> Record:
+    """Measure ``case`` in a fresh interpreter; an error record if it fails."""
+    base: Record = {"id": case.id, "family": case.family, "layer": case.layer, "size": case.size,
+                    "precision": case.precision, "batch": case.batch,
+                    "kind": "shallow" if case.shallow else "cnn"}
+    try:
+        proc = subprocess.run(child_argv(case, opts), capture_output=True, text=True, timeout=opts.case_timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {opts.case_timeout:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}, no output"])[-1]
+    return {**base, "error": tail}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = apply_defaults(parse_args(argv))
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks: CUDA is not available on this machine; nothing measured (use --device cpu).")
+        return 0
+
+    if opts.case:
+        case = Case.parse(opts.case)
+        try:
+            record = run_case(case, opts)
+        except Exception as exc:  # one line for the driver, which records it and goes on
+            print(f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+            return 1
+        print(json.dumps(record) if opts.json_line else json.dumps(record, indent=2), flush=True)
+        return 0
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    cases = select_cases(opts.only, opts.sizes, opts.precision, opts.batch, opts.quick)
+    if not cases:
+        console.print("benchmarks: no case selected")
+        return 1
+    device = torch.device(opts.device)
+    started = time.time()
+    meta = {"machine": machine_info(device), "options": {k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(opts).items()},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))}
+    console.print(f"peak: {opts.peak_size}x{opts.peak_size} matrix products ...")
+    peak = measure_peak(device, ["fp32", "bf16"], opts.peak_size, opts.peak_reps)
+    payload: Record = {**meta, "peak_gflops": peak, "peak_matmul_size": opts.peak_size, "complete": False,
+                       "cases": [], "targets": []}
+
+    for i, case in enumerate(cases, 1):
+        console.print(f"[{i}/{len(cases)}] {case.id} ...", end=" ", highlight=False)
+        record = run_in_subprocess(case, opts)
+        gflops = record.get("gflops_engine")
+        record["pct_of_peak"] = None if gflops is None else 100 * gflops / peak[case.precision]
+        payload["cases"].append(record)
+        write_json(opts.out, payload)
+        console.print(f"[red]{record['error']}[/red]" if "error" in record
+                      else f"{1e3 * record['engine_s_per_img_iter']:.3g} ms/img/iter", highlight=False)
+
+    payload["targets"] = evaluate_targets(payload["cases"])
+    payload["complete"] = True
+    payload["wall_s"] = time.time() - started
+    write_json(opts.out, payload)
+    print_report(payload["cases"], payload["targets"], peak)
+    console.print(f"wrote {opts.out} ({payload['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
