@@ -125,6 +125,13 @@ def test_table5_command_writes_table_plot_and_resumes(tiny: Path, images: Path, 
     r = run(*args)
     assert r.exit_code == 0, r.output
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # resumed: nothing redone
+    # --report assembles the table from finished cells only, computing nothing
+    r = run("table5", "--model", tiny, "--images", images, "--layers", "conv1,ip1,ip2", "--C", "100,7", "--report",
+            "--out", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "table5.json").read_text())
+    assert set(report["cells"]) == {"conv1@100", "ip2@100"} and not (out / "ip1").exists()
+    assert "| ip1 | – | – |" in (out / "table5.md").read_text()
     assert "unknown" in run("table5", "--model", "resnet-7", "--images", images, "--out", out).output
 
 

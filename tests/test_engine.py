@@ -12,7 +12,7 @@ from preimage import (
     invert,
     maximize,
 )
-from preimage.engine import noise_init
+from preimage.engine import Stage, noise_init
 
 from .conftest import photo, tiny_cnn
 
@@ -146,3 +146,31 @@ def test_invert_on_cuda_matches_the_cpu_quality(rep):
     gpu = invert(rep.to("cuda"), img, seeds=[0], settings=FAST.replace(C=100), device="cuda")
     assert gpu.x.device.type == "cpu" and gpu.images.shape == cpu.images.shape
     assert abs(gpu.error[0].item() - cpu.error[0].item()) < 0.05
+
+
+def test_chunked_optimization_equals_one_batch() -> None:
+    """Big batches run in chunks (memory): each element's result does not depend on the chunking."""
+    from preimage.engine import auto_batch_size, element_bytes, optimize
+    from preimage.objectives import L2Loss
+    from preimage.representations.cnn import ModuleCut
+
+    from .conftest import tiny_cnn
+
+    rep = ModuleCut(tiny_cnn(), "2", mean=(0, 0, 0), std=(1, 1, 1))
+    x0 = torch.rand(5, 3, 24, 24) * 200 - 100
+    with torch.no_grad():
+        target = rep(x0)
+    s = Settings(iterations=6, fine_iterations=0, jitter=3)
+    stages = [Stage(6)]
+    seen: list[tuple[int, int]] = []
+    whole = optimize(rep, L2Loss(target), (24, 24), list(range(5)), s, stages, batch_size=5)
+    parts = optimize(rep, L2Loss(target), (24, 24), list(range(5)), s, stages, batch_size=2,
+                     callback=lambda t, total, e: seen.append((t, total)), callback_every=3)
+    torch.testing.assert_close(parts.x, whole.x, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(parts.energy["total"], whole.energy["total"], rtol=1e-4, atol=1e-5)
+    assert seen[-1] == (18, 18) and all(b == 18 for _, b in seen)  # one count over the 3 chunks
+    per = element_bytes(rep, (24, 24))
+    assert per > 40 * 3 * 24 * 24 * 4
+    assert auto_batch_size(rep, (24, 24), budget=3 * per) == 3
+    assert auto_batch_size(rep, (24, 24), budget=1000 * per) == 16  # the CPU cap
+    assert auto_batch_size(rep, (24, 24), budget=1) == 1

@@ -241,7 +241,7 @@ def _step_callback(progress: Progress, task: Any) -> Callable[[int, int, dict[st
     def cb(t: int, total: int, e: dict[str, float]) -> None:
         if t < last["t"]:
             last["t"] = 0
-        progress.update(task, advance=t - last["t"], info=f"E={e['total']:.3g} loss={e['loss']:.3g}")
+        progress.update(task, advance=t - last["t"], total=total, info=f"E={e['total']:.3g} loss={e['loss']:.3g}")
         last["t"] = t
 
     return cb
@@ -715,9 +715,10 @@ def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, f
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--report", is_flag=True, help="Compute nothing: write the table from the cells already finished.")
 def table5(model_spec: str, weights: Path | None, images_dir: Path, limit: int, layer_spec: str, C_values: str,
            iterations: int, fine_iterations: int, jitter: int | None, precision: str, seed: int, batch_size: int,
-           device: str, out: Path) -> None:
+           device: str, out: Path, report: bool) -> None:
     """The paper's Table 5 for a network: inversion error of every layer x C, with classification
     consistency; writes table5.md, table5.json and table5.png (resumable: rerun to continue)."""
     from .models import load_model
@@ -751,7 +752,7 @@ def table5(model_spec: str, weights: Path | None, images_dir: Path, limit: int, 
 
             api_table5(loaded, files, out, settings, chosen, Cs, precision=precision, seed=seed,
                        batch_size=batch_size, device=device, on_cell=on_cell, on_batch=on_batch,
-                       on_step=_step_callback(progress, step_task))
+                       on_step=_step_callback(progress, step_task), report_only=report)
         click.echo((out / "table5.md").read_text().rstrip())
         click.echo(f"-> {out / 'table5.md'}, {out / 'table5.png'}")
 

@@ -71,6 +71,49 @@ def noise_init(shape: Sequence[int], seed: int, scale: float, generator: torch.G
     return x * (scale / q)
 
 
+def element_bytes(representation: Representation, size: tuple[int, int], device: torch.device | str = "cpu") -> int:
+    """Memory one batch element needs in a step: what Φ saves for its backward pass on a 1-image
+    probe (weights excluded), its code twice, and ~40 image-sized buffers (canvas, gradient,
+    Algorithm 1's state, regularizer temporaries)."""
+    weights = {p.data_ptr() for p in representation.parameters()} | {b.data_ptr() for b in representation.buffers()}
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        if t.data_ptr() not in weights:
+            saved += t.numel() * t.element_size()
+        return t
+
+    x = torch.zeros(1, representation.in_channels, *size, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = representation(x)
+    return int(saved + 2 * out.numel() * out.element_size() + 40 * x.numel() * 4)
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Free memory on ``device``: CUDA's free memory, or the CPU's ``MemAvailable``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def auto_batch_size(representation: Representation, size: tuple[int, int], device: torch.device | str = "cpu",
+                    budget: int | None = None, cap: int | None = None) -> int:
+    """How many elements to optimize together: as many as fit in half the free memory (60% on
+    CUDA), at most ``cap`` -- 16 on CPU, where larger batches stop paying (benchmarks/), 256 on CUDA."""
+    dev = torch.device(device)
+    budget = budget if budget is not None else int(available_bytes(dev) * (0.6 if dev.type == "cuda" else 0.5))
+    cap = cap if cap is not None else (256 if dev.type == "cuda" else 16)
+    return max(1, min(cap, budget // max(1, element_bytes(representation, size, dev))))
+
+
 def optimize(
     representation: Representation,
     loss: Loss,
@@ -82,8 +125,55 @@ def optimize(
     device: torch.device | str | None = None,
     callback: Callback | None = None,
     callback_every: int = 10,
+    batch_size: int | None = None,
 ) -> Trace:
-    """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for a batch of ``len(seeds)``.
+    """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for ``len(seeds)`` elements.
+
+    The elements are independent problems; they are optimized in chunks of ``batch_size``
+    (default: :func:`auto_batch_size`, what fits in memory) when the loss can be split
+    (``loss.select``), with identical results: every element's noise and jitter come from its
+    own seed.  See :func:`optimize_batch` for the arguments; ``callback`` sees one count of
+    iterations over all chunks.
+    """
+    N = len(seeds)
+    dev = torch.device(device) if device is not None else representation_device(representation)
+    if batch_size is None and N > 1 and hasattr(loss, "select"):
+        batch_size = auto_batch_size(representation, size, dev)
+    if batch_size is None or N <= batch_size or not hasattr(loss, "select"):
+        return optimize_batch(representation, loss, size, seeds, settings, stages, init, dev, callback, callback_every)
+    total = sum(s.iterations for s in stages)
+    starts = list(range(0, N, batch_size))
+    traces = []
+    for k, start in enumerate(starts):
+        part = slice(start, start + batch_size)
+        cb = None
+        if callback is not None:
+            def cb(t: int, _total: int, e: dict[str, float], k: int = k) -> None:
+                callback(k * total + t, len(starts) * total, e)
+        traces.append(optimize_batch(representation, loss.select(part), size, seeds[part], settings, stages,  # type: ignore[attr-defined]
+                                     init[part] if init is not None else None, dev, cb, callback_every))
+    return Trace(
+        x=torch.cat([tr.x for tr in traces]),
+        energy={k: torch.cat([tr.energy[k] for tr in traces], dim=1) for k in traces[0].energy},
+        jitter=traces[0].jitter,
+        lr=traces[0].lr,
+    )
+
+
+def optimize_batch(
+    representation: Representation,
+    loss: Loss,
+    size: tuple[int, int],
+    seeds: Sequence[int],
+    settings: Settings,
+    stages: Sequence[Stage],
+    init: Tensor | None = None,
+    device: torch.device | str | None = None,
+    callback: Callback | None = None,
+    callback_every: int = 10,
+) -> Trace:
+    """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for a batch of ``len(seeds)``
+    in one tensor.
 
     Args:
         representation: Φ; evaluated on crops of shape ``(N, in_channels, *size)``.

@@ -100,7 +100,8 @@ def evaluate_folder(
         batch = torch.stack([photos[p] for p in chunk])
         t0 = time.perf_counter()
         if hoggle is None:
-            result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step)
+            result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step,
+                            batch_size=len(chunk))
             pictures, errs = result.images, result.error
             if judge is not representation:
                 jdev = representation_device(judge)

@@ -81,6 +81,15 @@ class L2Loss:
         diff = (code.float() - self.target) * self.mask
         return _per_element_sum(diff.square()) / self.norm2
 
+    def select(self, index: slice) -> "L2Loss":
+        """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
+        part = object.__new__(L2Loss)
+        part.target = self.target[index]
+        part.mask = self.mask[index] if self.mask is not None and self.mask.shape[0] > 1 else self.mask
+        part.norm2 = self.norm2[index]
+        part._cache = {}
+        return part
+
     def _target_like(self, code: Tensor) -> Tensor:
         """The target in the code's dtype and memory layout (converted once, then cached)."""
         key = (code.dtype, code.dim() == 4 and not code.is_contiguous())
@@ -150,6 +159,12 @@ class InnerProductLoss:
 
     def __call__(self, code: Tensor) -> Tensor:
         return -self.activation(code) / self.Z
+
+    def select(self, index: slice) -> "InnerProductLoss":
+        """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
+        part = object.__new__(InnerProductLoss)
+        part.weights, part.Z = self.weights[index], self.Z[index]
+        return part
 
     def activation(self, code: Tensor) -> Tensor:
         """``<Φ(x), Φ0>``: the quantity being maximized."""

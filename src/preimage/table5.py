@@ -15,6 +15,7 @@ written as soon as it is complete.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,6 +113,7 @@ def table5(
     on_cell: Callable[[str, float], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run the Table 5 protocol; write per-cell summaries, ``table5.json``, ``table5.md`` and
     ``table5.png`` in ``out``; return the table as a dict.
@@ -121,23 +123,34 @@ def table5(
         layers: layer names (:func:`select_layers`).
         Cs: the values of C.
         precision: ``"fp32"`` or ``"bf16"`` for the optimization (measurement is fp32).
+        report_only: compute nothing; assemble the table from the cells already finished in
+            ``out`` (missing cells show as "–").
     """
     if not images:
         raise RepresentationError("no images to evaluate")
     size = loaded.convention.input_size
     classify = top1_classifier(loaded)
+    n_images = len(images)
 
     def load(p: Path) -> Tensor:
         return warp_crop(p, size)
 
     cells: dict[str, dict[str, Any]] = {}
     for layer in layers:
+        folder = out / layer.replace("/", "_")
+        if report_only:
+            for C in Cs:
+                done = folder / f"C{C:g}" / "summary.json"
+                if done.is_file():
+                    summary = json.loads(done.read_text())
+                    if summary.get("n_images") == len(images):
+                        cells[f"{layer}@{C:g}"] = {k: v for k, v in summary.items() if k != "per_image"}
+            continue
         rep = loaded.representation(layer, precision)
         judge = loaded.representation(layer) if precision != "fp32" else rep
         if device is not None:
             rep.to(device)
             judge.to(device)
-        folder = out / layer.replace("/", "_")
         for C in Cs:
             if on_cell is not None:
                 on_cell(layer, C)
@@ -152,7 +165,7 @@ def table5(
     table = {
         "model": loaded.name,
         "weights": loaded.source,
-        "n_images": len(images),
+        "n_images": n_images,
         "layers": list(layers),
         "C": [float(c) for c in Cs],
         "precision": precision,

@@ -107,8 +107,12 @@ def invert(
     mask: Tensor | None = None,
     device: torch.device | str | None = None,
     callback: Callback | None = None,
+    batch_size: int | None = None,
 ) -> Result:
     """Reconstruct images from their codes ``Φ0 = Φ(x0)`` (eqs. 1-3, section 5).
+
+    All images x seeds form one batch, optimized in chunks of ``batch_size`` (default: what fits
+    in memory, :func:`preimage.engine.auto_batch_size`).
 
     Args:
         photos: ``(B, 3 or 1, H, W)`` RGB or gray images in [0, 1].
@@ -123,7 +127,8 @@ def invert(
     with torch.no_grad():
         x0 = representation.preprocess(photos)
         target = representation(x0).float()
-    return invert_code(representation, target, tuple(photos.shape[-2:]), seeds, settings, mask, dev, callback)
+    return invert_code(representation, target, tuple(photos.shape[-2:]), seeds, settings, mask, dev, callback,
+                       batch_size)
 
 
 def invert_code(
@@ -135,6 +140,7 @@ def invert_code(
     mask: Tensor | None = None,
     device: torch.device | str | None = None,
     callback: Callback | None = None,
+    batch_size: int | None = None,
 ) -> Result:
     """Like :func:`invert` but from codes ``(B, ...)`` directly, for images of ``size``."""
     dev = _device_of(representation, device)
@@ -154,7 +160,8 @@ def invert_code(
     stages = [Stage(settings.iterations)]
     if settings.fine_iterations > 0:
         stages.append(Stage(settings.fine_iterations, lr_factor=0.1, jitter=False))
-    trace = optimize(representation, loss, size, all_seeds, settings, stages, device=dev, callback=callback)
+    trace = optimize(representation, loss, size, all_seeds, settings, stages, device=dev, callback=callback,
+                     batch_size=batch_size)
     with torch.no_grad():
         error = loss.error(representation(trace.x).float()).cpu()
     elements = [{"image": i, "seed": int(s)} for i in range(code.shape[0]) for s in seeds]
@@ -205,6 +212,7 @@ def maximize(
     settings: Settings = PAPER,
     device: torch.device | str | None = None,
     callback: Callback | None = None,
+    batch_size: int | None = None,
 ) -> Result:
     """Activation maximization (eq. 4, section 6) of each unit, once per seed.
 
@@ -228,7 +236,8 @@ def maximize(
     loss = InnerProductLoss(_repeat(weights, S).to(dev), _repeat(Z, S).to(dev))
     all_seeds = [int(s) for _ in units for s in seeds]
     stages = [Stage(settings.iterations)]
-    trace = optimize(representation, loss, size, all_seeds, settings, stages, device=dev, callback=callback)
+    trace = optimize(representation, loss, size, all_seeds, settings, stages, device=dev, callback=callback,
+                     batch_size=batch_size)
     with torch.no_grad():
         code = representation(trace.x).float()
     elements = [{"unit": u if isinstance(u, int) else "weights", "seed": int(s)} for u in units for s in seeds]
@@ -250,6 +259,7 @@ def caricature(
     settings: Settings = PAPER,
     device: torch.device | str | None = None,
     callback: Callback | None = None,
+    batch_size: int | None = None,
 ) -> Result:
     """Caricaturization (section 7): exaggerate what is active in ``Φ(x0)``, starting from ``x0``.
 
@@ -269,7 +279,7 @@ def caricature(
     all_seeds = [int(s) for _ in range(photos.shape[0]) for s in seeds]
     stages = [Stage(settings.iterations)]
     trace = optimize(representation, loss, tuple(photos.shape[-2:]), all_seeds, settings, stages,
-                     init=_repeat(x0, S), device=dev, callback=callback)
+                     init=_repeat(x0, S), device=dev, callback=callback, batch_size=batch_size)
     with torch.no_grad():
         code = representation(trace.x).float()
         start = loss.activation(representation(_repeat(x0, S)).float()).cpu()
