@@ -163,6 +163,10 @@ def test_figures_command_writes_every_grid(tiny: Path, images: Path, tmp_path: P
     r = run("figures", "--model", tiny, "--images", images, "--figures", "5", *FAST, "--out", out)
     assert r.exit_code == 0 and (out / "fig05-layers.png").stat().st_mtime_ns == stamp
     assert "unknown figure" in run("figures", "--model", tiny, "--figures", "6", "--out", out).output
+    r = run("figures", "--model", tiny, "--images", images, "--figures", "5", "--C", "7", "--overwrite", *FAST,
+            "--out", out)
+    assert r.exit_code == 0, r.output
+    assert {t["C"] for t in json.loads((out / "fig05-layers.json").read_text())["tiles"]} == {7.0}
 
 
 def test_invert_window_and_channels_from_the_cli(tiny: Path, images: Path, tmp_path: Path) -> None:

@@ -204,6 +204,46 @@ def test_batch_consistency():
         assert (batch - single).abs().max() <= TOL
 
 
+@pytest.mark.parametrize(
+    "bin_size,step,bounds", [(8, 8, None), (4, 8, None), (3, 3, (2, 5, 40, 33)), (4, 12, (7, 3, 44, 38))]
+)
+def test_banded_binning_equals_the_dense_matrices(monkeypatch, bin_size, step, bounds):
+    """When the step is a multiple of the bin size the binning runs on overlapping windows
+    of the padded maps (:class:`_Axis`); it equals the dense, padding-folded matrices."""
+    import preimage.representations.dsift as dsift_module
+
+    x = (torch.rand(2, 1, 47, 41, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 255)
+    x.requires_grad_()
+    weights = torch.randn(dsift(x, bin_size, step, bounds=bounds).shape, dtype=torch.float64)
+    for fast in (False, True):
+        banded = dsift(x, bin_size, step, fast, bounds=bounds)
+        (grad,) = torch.autograd.grad((banded * weights).sum(), x)
+        axes = dsift_module._axes
+        monkeypatch.setattr(dsift_module, "_axes", lambda geom, banded: axes(geom, False))
+        dense = dsift(x, bin_size, step, fast, bounds=bounds)
+        (dense_grad,) = torch.autograd.grad((dense * weights).sum(), x)
+        monkeypatch.setattr(dsift_module, "_axes", axes)
+        torch.testing.assert_close(banded, dense, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(grad, dense_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_groups_of_images_equal_single_images(monkeypatch):
+    """Batches are processed in groups of images (here 2, 2 and 1): values and gradients do
+    not depend on the grouping."""
+    import preimage.representations.dsift as dsift_module
+
+    monkeypatch.setattr(dsift_module, "_GROUP_PIXELS", 2 * 40 * 44)
+    x = (torch.rand(5, 1, 40, 44, generator=torch.Generator().manual_seed(1)) * 255).requires_grad_()
+    weights = torch.rand(5, 16, 128, generator=torch.Generator().manual_seed(2))
+    (dsift(x, 4, 8) * weights).sum().backward()
+    for i in range(5):
+        xi = x[i : i + 1].detach().clone().requires_grad_()
+        desc = dsift(xi, 4, 8)
+        (desc * weights[i : i + 1]).sum().backward()
+        torch.testing.assert_close(desc, dsift(x[i : i + 1].detach(), 4, 8), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(xi.grad, x.grad[i : i + 1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("frames", [1, 5, 20, 300])
 def test_sequential_norm_sums(frames):
     """The norms are summed in order, as VLFeat does, for any number of frames."""

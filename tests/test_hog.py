@@ -208,6 +208,36 @@ def test_batch_equals_single_images(bilinear: bool) -> None:
         assert torch.equal(codes[i : i + 1], hog(batch[i : i + 1], 8, 9, bilinear))
 
 
+@pytest.mark.parametrize("surrogate", [False, True], ids=["hogb", "surrogate"])
+def test_groups_of_images_equal_single_images(monkeypatch: pytest.MonkeyPatch, surrogate: bool) -> None:
+    """Batches are processed in groups of images (here 2, 2 and 1): values and gradients do
+    not depend on the grouping."""
+    import preimage.representations.hog as hog_module
+
+    monkeypatch.setattr(hog_module, "_GROUP_PIXELS", 2 * 40 * 45)
+    x = smooth_image(5, 1, 40, 45, seed=4).float().requires_grad_()
+    rep = HOG(surrogate_gradient=True) if surrogate else HOG(bilinear_orientations=True)
+    weights = torch.randn(5, 31, 5, 6, generator=torch.Generator().manual_seed(0))
+    (rep(x) * weights).sum().backward()
+    for i in range(5):
+        xi = x[i : i + 1].detach().clone().requires_grad_()
+        code = rep(xi)
+        (code * weights[i : i + 1]).sum().backward()
+        torch.testing.assert_close(code, rep(x[i : i + 1]).detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(xi.grad, x.grad[i : i + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_surrogate_shares_hog_value_and_hogb_gradient_in_float64() -> None:
+    """The one-pass straight-through surrogate: HOG's value, HOGb's gradient (float64)."""
+    x = smooth_image(2, 3, 30, 33, seed=5).requires_grad_()
+    weights = torch.randn(2, 31, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    code = HOG(color=True, surrogate_gradient=True)(x)
+    assert torch.equal(code, hog(x.detach(), 8, 9, False))
+    (grad,) = torch.autograd.grad((code * weights).sum(), x)
+    (reference,) = torch.autograd.grad((hog(x, 8, 9, True) * weights).sum(), x)
+    torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-12)
+
+
 def test_dtypes() -> None:
     x = torch.from_numpy(crop(photo("camera", True), (64, 80))).float()[None, None]
     reference = hog(x, 8)

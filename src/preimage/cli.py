@@ -781,6 +781,8 @@ FIGURES = {
 @click.option("--classes", default="31,100,99,886", show_default=True,
               help="Class neurons of Fig. 13 (default: tree frog, black swan, goose, vending machine).")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class names (synset_words.txt) for Fig. 13.")
+@click.option("--C", "fixed_C", type=float, default=None,
+              help="C for the inversions of Figs 5, 8, 9, 10 (default: the paper's per-layer schedule).")
 @click.option("--stats", "stats_file", type=click.Path(path_type=Path), help="A 'preimage stats' file with M.")
 @click.option("--stats-limit", type=click.IntRange(1), default=50, show_default=True,
               help="Images of --images used to measure M when no --stats file has the layer.")
@@ -793,7 +795,7 @@ FIGURES = {
 def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, images_dir: Path | None, limit: int,
             which: str, layer_spec: str, seeds: str, window: int, filters: int, classes: str, labels: Path | None,
             stats_file: Path | None, stats_limit: int, iterations: int, fine_iterations: int, precision: str,
-            device: str, out: Path, overwrite: bool) -> None:
+            device: str, out: Path, overwrite: bool, fixed_C: float | None) -> None:
     """The paper's Figures 5-15 for a network, as PNG grids with JSON sidecars.
 
     Figures already in --out are kept, so an interrupted run continues where it stopped.
@@ -854,15 +856,16 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
                     continue
                 progress.update(fig_task, description=f"figure {w}")
                 common = dict(precision=precision, device=device, callback=cb)
+                inv = dict(common, fixed_C=fixed_C)
                 if w == "5":
-                    panel = F.layer_inversions(loaded, photos[:1], layers, settings, **common)
+                    panel = F.layer_inversions(loaded, photos[:1], layers, settings, **inv)
                 elif w == "8":
-                    panel = F.diversity(loaded, photos, F.spread(layers, 3)[-3:], settings, seed_list, **common)
+                    panel = F.diversity(loaded, photos, F.spread(layers, 3)[-3:], settings, seed_list, **inv)
                 elif w == "9":
                     panel = F.window_inversions(loaded, photos[0], F.spatial_layers(loaded, layers, window + 2),
-                                                settings, window=window, **common)
+                                                settings, window=window, **inv)
                 elif w == "10":
-                    panel = F.stream_inversions(loaded, photos[0], F.spread(conv, 5), settings, **common)
+                    panel = F.stream_inversions(loaded, photos[0], F.spread(conv, 5), settings, **inv)
                 elif w == "11":
                     panel = F.filter_grid(loaded, conv, filters, {n: maxima(n) for n in conv}, am_settings, **common)
                 elif w == "13":

@@ -128,9 +128,9 @@ def _original(rep: Representation, photo: Tensor) -> Tensor:
 
 def layer_inversions(loaded: LoadedModel, photos: Tensor, layers: Sequence[str], settings: Settings,
                      seeds: Sequence[int] = (0,), precision: str = "fp32", device: torch.device | str | None = None,
-                     callback: Callback | None = None) -> Panel:
+                     callback: Callback | None = None, fixed_C: float | None = None) -> Panel:
     """Figures 5-7: each row an image (x seed), the original then its inversion from every layer,
-    with the paper's C per layer (:func:`paper_C`)."""
+    with the paper's C per layer (:func:`paper_C`) unless ``fixed_C`` is given (also in Figs 8-10)."""
     rows: list[list[Tensor]] = [[] for _ in range(len(photos) * len(seeds))]
     tiles: list[dict[str, Any]] = []
     first = loaded.representation(layers[0], precision)
@@ -139,7 +139,7 @@ def layer_inversions(loaded: LoadedModel, photos: Tensor, layers: Sequence[str],
             rows[i * len(seeds) + s].append(caption(_original(first, photo), "original"))
     for layer in layers:
         rep = loaded.representation(layer, precision)
-        C = paper_C(loaded, layer)
+        C = fixed_C if fixed_C is not None else paper_C(loaded, layer)
         r = invert(rep, photos, seeds=seeds, settings=settings.replace(C=C), device=device, callback=callback)
         for n, el in enumerate(r.elements):
             rows[n].append(caption(r.images[n], f"{layer} C={C:g}"))
@@ -149,14 +149,14 @@ def layer_inversions(loaded: LoadedModel, photos: Tensor, layers: Sequence[str],
 
 def diversity(loaded: LoadedModel, photos: Tensor, layers: Sequence[str], settings: Settings, seeds: Sequence[int],
               precision: str = "fp32", device: torch.device | str | None = None,
-              callback: Callback | None = None) -> Panel:
+              callback: Callback | None = None, fixed_C: float | None = None) -> Panel:
     """Figure 8: rows image x layer, the original then one inversion per seed (how much of the
     image each layer pins down)."""
     tiles: list[Tensor] = []
     records: list[dict[str, Any]] = []
     for layer in layers:
         rep = loaded.representation(layer, precision)
-        C = paper_C(loaded, layer)
+        C = fixed_C if fixed_C is not None else paper_C(loaded, layer)
         r = invert(rep, photos, seeds=seeds, settings=settings.replace(C=C), device=device, callback=callback)
         for i, photo in enumerate(photos):
             tiles.append(caption(_original(rep, photo), f"{layer} C={C:g}"))
@@ -169,7 +169,7 @@ def diversity(loaded: LoadedModel, photos: Tensor, layers: Sequence[str], settin
 
 def window_inversions(loaded: LoadedModel, photo: Tensor, layers: Sequence[str], settings: Settings,
                       window: int = 5, precision: str = "fp32", device: torch.device | str | None = None,
-                      callback: Callback | None = None) -> Panel:
+                      callback: Callback | None = None, fixed_C: float | None = None) -> Panel:
     """Figure 9: inversions from the central ``window x window`` feature locations of each layer
     (eq. 3 with a spatial mask), the white box marking the window's overall receptive field."""
     size = tuple(photo.shape[-2:])
@@ -179,7 +179,7 @@ def window_inversions(loaded: LoadedModel, photo: Tensor, layers: Sequence[str],
         rep = loaded.representation(layer, precision)
         mask = window_mask(code_shape(rep, size), window)
         box = mask_support(rep, size, mask)
-        C = paper_C(loaded, layer)
+        C = fixed_C if fixed_C is not None else paper_C(loaded, layer)
         r = invert(rep, photo[None], settings=settings.replace(C=C), mask=mask, device=device, callback=callback)
         tiles.append(caption(draw_box(r.images[0], box), f"{layer} {window}x{window}"))
         records.append({"layer": layer, "C": C, "window": window, "box": list(box), "error": float(r.error[0])})
@@ -188,7 +188,7 @@ def window_inversions(loaded: LoadedModel, photo: Tensor, layers: Sequence[str],
 
 def stream_inversions(loaded: LoadedModel, photo: Tensor, layers: Sequence[str], settings: Settings,
                       streams: int = 2, precision: str = "fp32", device: torch.device | str | None = None,
-                      callback: Callback | None = None) -> Panel:
+                      callback: Callback | None = None, fixed_C: float | None = None) -> Panel:
     """Figure 10: inversions from each of ``streams`` equal channel groups of a layer (CaffeNet's
     two GPU streams; for other networks, consecutive channel blocks).  Rows: streams."""
     size = tuple(photo.shape[-2:])
@@ -200,7 +200,7 @@ def stream_inversions(loaded: LoadedModel, photo: Tensor, layers: Sequence[str],
         K = shape[0]
         masks = torch.stack([channel_mask(shape, range(k * K // streams, (k + 1) * K // streams))
                              for k in range(streams)])
-        C = paper_C(loaded, layer)
+        C = fixed_C if fixed_C is not None else paper_C(loaded, layer)
         r = invert(rep, photo[None].expand(streams, -1, -1, -1), settings=settings.replace(C=C), mask=masks,
                    device=device, callback=callback)
         for k in range(streams):

@@ -3,8 +3,9 @@
 The paper inverts dense SIFT (Mahendran & Vedaldi, "Visualizing deep convolutional neural
 networks using natural pre-images", IJCV 2016, section 4.1) by gradient descent through the
 representation, so Φ must be a differentiable tensor program.  This module re-derives
-VLFeat's ``vl/dsift.c`` as two autograd functions with hand-written backward passes
-(:class:`_Histograms` for steps 1-2, :class:`_Normalize` for step 3):
+VLFeat's ``vl/dsift.c`` as one autograd function with a hand-written backward pass
+(:class:`_DSIFTFunction`: :func:`_histograms` for steps 1-2, :func:`_normalize` for step 3,
+on groups of images small enough for their temporaries to stay in cache):
 
 1. **Orientation maps**.  Image gradients by finite differences: central
    ``(I[x+1] - I[x-1]) / 2`` inside the image, one-sided ``I[1] - I[0]`` and
@@ -22,9 +23,13 @@ VLFeat's ``vl/dsift.c`` as two autograd functions with hand-written backward pas
    triangle of half-width ``s`` times a Gaussian centred on the descriptor centre.  With
    ``fast=True`` (``vl_dsift_set_flat_window``) every bin uses the bare triangle and is then
    weighted by the mean of the Gaussian over its support.  Borders are padded by continuity
-   (``VL_PAD_BY_CONTINUITY``).  Only the bin centres are needed, so each axis is one matrix
-   ``A`` of shape ``(4 * frames, pixels)`` holding the (padding-folded) kernel of every bin of
-   every frame, and the binning is ``A_y @ maps @ A_x^T``: two GEMMs forward, two backward.
+   (``VL_PAD_BY_CONTINUITY``).  Only the bin centres are needed.  When the step is a multiple
+   of the bin size (the usual case) they all lie on a grid of spacing ``s``, and the kernels
+   have ``2s - 1`` taps: along each axis the binning is one batched ``(4, 2s)`` product with
+   overlapping windows of ``2s`` samples taken ``s`` apart (strided views of the padded maps,
+   :class:`_Axis`), rows first, then columns, ``O(s)`` work per output.  Otherwise each axis
+   is one dense matrix ``A`` of shape ``(4 * frames, pixels)`` holding the (padding-folded)
+   kernel of every bin of every frame, and the binning is ``A_y @ maps @ A_x^T``.
 3. **Normalization**.  L2-normalize (``norm = sqrt(Σ h²) + ε_float``), clamp at 0.2,
    L2-normalize again.  Finally, as cyvlfeat does for *both* its uint8 and its float outputs,
    the descriptor is multiplied by 512 and saturated at 255.
@@ -42,8 +47,7 @@ descriptor norms are summed sequentially, and the flat window's running sums
 (``vl_imconvcoltri_f``, whose round-off alone moves descriptors by ~1e-2, growing with the
 image size) are emulated exactly.  Flat-window descriptors are then bit-identical to
 VLFeat's and Gaussian-window ones agree to better than 1e-4 (only the order of the 15-tap
-convolution sums differs).  Otherwise (float64,
-or ``vlfeat_rounding=False``) the same descriptor is computed in plain arithmetic (exact
+convolution sums differs).  Otherwise (float64, or ``vlfeat_rounding=False``) the same descriptor is computed in plain arithmetic (exact
 roots and sums): within ~2e-3 (Gaussian) and ~2e-2 (flat) of VLFeat on the 0..255 scale,
 and differentiable everywhere but at the kinks of the binning and clamping, as
 ``torch.autograd.gradcheck`` needs.  Gradients are always those of the plain arithmetic.
@@ -52,10 +56,12 @@ and differentiable everywhere but at the kinks of the binning and clamping, as
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -226,26 +232,88 @@ def _binning_matrix(
     return a
 
 
-_MATRIX_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+class _Axis(NamedTuple):
+    """The spatial binning along one axis (rows or columns) of an image of length ``L``, and
+    the extent of the orientation maps along it.
+
+    Banded (``step`` a multiple of ``s``, the usual case): every bin centre lies on the grid
+    ``start + s j``, ``j < J``, and the convolution at centre ``j`` reads the ``2s`` samples
+    from ``first + s j``, ``first = start - s + 1`` (the last one with a null tap): windows of
+    ``2s`` samples, ``s`` apart.  The maps then span the ``(J + 1) s`` samples from ``first``,
+    padded by continuity outside the image, and the binning is one batched product of the
+    ``(4, 2s)`` ``kernel`` (tap ``q`` of bin ``b`` is ``ker_b[s - 1 - q]``) with these
+    overlapping windows (a strided view, no copy): output ``4 j + b`` for the ``J`` centres and
+    the 4 kernels.  Bin ``b`` of frame ``k`` is centre ``j = b + k step / s``, output
+    ``5 b + 4 (step / s) k``.  This costs ``O(s)`` per output instead of ``O(L)`` for the dense
+    product.
+
+    Otherwise: the maps span the image (``first = 0``, ``size = L``) and the binning is the
+    dense ``(4 * count, L)`` matrix of :func:`_binning_matrix` (padding folded in), output
+    ``b * count + k``.
+    """
+
+    kernel: np.ndarray | None
+    """Banded: ``(4, 2s)`` float64 window kernels."""
+    matrix: np.ndarray | None
+    """Dense: ``(4 * count, L)`` float64 matrix."""
+    first: int
+    """Image coordinate of the maps' first sample (negative: padding)."""
+    size: int
+    """Number of samples of the maps."""
+    strides: tuple[int, int]
+    """Output index of bin ``b`` of frame ``k``: ``b * strides[0] + k * strides[1]``."""
+    key: tuple
+    """The arguments of :func:`_axis` (to cache the tables as tensors)."""
+
+    @property
+    def centres(self) -> int:
+        """Banded: the number ``J`` of windows."""
+        return self.size // (self.kernel.shape[1] // 2) - 1
+
+    @property
+    def outputs(self) -> int:
+        """The number of outputs of the binning."""
+        return _NUM_BINS * self.centres if self.kernel is not None else self.matrix.shape[0]
 
 
-def _binning_matrices(
-    geom: _Geom, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """``(A_y, A_x)`` as tensors of ``dtype`` on ``device`` (cached)."""
-    key = (geom, dtype, str(device))
-    hit = _MATRIX_CACHE.get(key)
-    if hit is None:
-        a_y = _binning_matrix(geom.height, geom.ymin, geom.nfy, geom.bin_size, geom.step,
-                              geom.window_size, geom.fast)
-        a_x = _binning_matrix(geom.width, geom.xmin, geom.nfx, geom.bin_size, geom.step,
-                              geom.window_size, geom.fast)
-        hit = (torch.tensor(a_y, dtype=dtype, device=device),
-               torch.tensor(a_x, dtype=dtype, device=device))
-        if len(_MATRIX_CACHE) >= 64:
-            _MATRIX_CACHE.clear()
-        _MATRIX_CACHE[key] = hit
-    return hit
+@lru_cache(maxsize=128)
+def _axis(
+    length: int, start: int, count: int, bin_size: int, step: int, window_size: float, fast: bool, banded: bool
+) -> _Axis:
+    """The binning of one axis (see :class:`_Axis`): frames ``k < count`` whose bin ``b`` is
+    centred at ``start + b * s + k * step``; ``banded`` if possible and asked for."""
+    s = bin_size
+    key = (length, start, count, bin_size, step, window_size, fast, banded)
+    if not banded or step % s:
+        matrix = _binning_matrix(length, start, count, bin_size, step, window_size, fast)
+        return _Axis(None, matrix, 0, length, (count, 1), key)
+    ratio = step // s
+    centres = (count - 1) * ratio + _NUM_BINS
+    kernel = np.zeros((_NUM_BINS, 2 * s))
+    kernel[:, : 2 * s - 1] = _bin_kernels(bin_size, window_size, fast)[:, ::-1]
+    return _Axis(kernel, None, start - s + 1, (centres + 1) * s, (_NUM_BINS + 1, _NUM_BINS * ratio), key)
+
+
+def _axes(geom: _Geom, banded: bool) -> tuple[_Axis, _Axis]:
+    """The row and column binnings of ``geom``."""
+    rows = _axis(geom.height, geom.ymin, geom.nfy, geom.bin_size, geom.step, geom.window_size, geom.fast, banded)
+    cols = _axis(geom.width, geom.xmin, geom.nfx, geom.bin_size, geom.step, geom.window_size, geom.fast, banded)
+    return rows, cols
+
+
+_TENSORS: dict[tuple, Tensor] = {}
+
+
+def _tensor(array: np.ndarray, key: tuple, like: Tensor) -> Tensor:
+    """``array`` (a cached table, identified by ``key``) as a tensor of ``like``'s dtype and device."""
+    full_key = (key, like.dtype, str(like.device))
+    value = _TENSORS.get(full_key)
+    if value is None:
+        if len(_TENSORS) >= 64:
+            _TENSORS.clear()
+        value = _TENSORS[full_key] = torch.as_tensor(np.ascontiguousarray(array), dtype=like.dtype,
+                                                     device=like.device)
+    return value
 
 
 @dataclass(frozen=True)
@@ -331,7 +399,7 @@ def _orientations(
     image: Tensor, fast_math: bool
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
     """The gradient loop of ``vl_dsift_process``: for every pixel the lower orientation bin
-    ``bin0`` (int64, ``(N, 1, H, W)``) and the moduli ``(1 - frac) * mod`` and ``frac * mod``
+    ``bin0`` (int32, ``(N, 1, H, W)``) and the moduli ``(1 - frac) * mod`` and ``frac * mod``
     it gives to bins ``bin0`` and ``bin0 + 1 (mod 8)``; plus what the backward pass needs.
 
     VLFeat's single-precision operations are performed in the same order (bit-identical maps
@@ -361,7 +429,7 @@ def _orientations(
         nt = angle.mul_(_ORI_SCALE)
     lower = nt.floor()
     frac = nt.sub_(lower)
-    bin0 = lower.long().bitwise_and_(_NUM_ORI - 1)
+    bin0 = lower.to(torch.int32).bitwise_and_(_NUM_ORI - 1)
     sq = gx * gx
     sq.add_(torch.mul(gy, gy, out=lower))
     mod, inv = _sqrt(sq, fast_math)
@@ -435,15 +503,15 @@ _POOL: ThreadPoolExecutor | None = None
 def _vl_flat_pool(maps: Tensor, geom: _Geom) -> Tensor:
     """VLFeat's flat-window binning, emulated exactly in float32: two ``vl_imconvcoltri_f``
     passes (rows, then columns), sampled at the bin centres and multiplied by the bin weights.
-    ``(H, 8, N, W)`` maps -> ``(4*nfy, 8, N, 4*nfx)`` like :func:`_pool`.
+    ``(H, W, N, 8)`` maps -> ``(N, 128, F)`` unnormalized descriptors.
 
     NumPy releases the GIL, so the images are split among ``torch.get_num_threads()``
     threads (at most 4).
     """
     global _POOL
-    h, t, n, w = maps.shape
+    h, w, n, t = maps.shape
     s, step = geom.bin_size, geom.step
-    a = maps.detach().view(h, t * n, w).cpu().numpy().transpose(1, 0, 2)  # (8N, H, W) view
+    a = maps.detach().cpu().numpy().transpose(3, 2, 0, 1).reshape(t * n, h, w)  # (8N, H, W)
     offsets = np.arange(_NUM_BINS)[:, None] * s
     rows = (geom.ymin + offsets + step * np.arange(geom.nfy)[None, :]).ravel()
     cols = (geom.xmin + offsets + step * np.arange(geom.nfx)[None, :]).ravel()
@@ -465,90 +533,201 @@ def _vl_flat_pool(maps: Tensor, geom: _Geom) -> Tensor:
     out = out[:, row_idx][:, :, col_idx]  # (B, 4 nfy, 4 nfx)
     m = _flat_bin_weights(s, geom.window_size)
     weights = np.repeat(np.repeat(m[:, None] * m[None, :], geom.nfy, 0), geom.nfx, 1)
-    out = (weights[None] * out).astype(np.float32).reshape(t, n, len(rows), len(cols))
-    return torch.from_numpy(out.transpose(2, 0, 1, 3).copy()).to(maps.device)
+    out = (weights[None] * out).astype(np.float32)
+    # [t, n | by, ky | bx, kx] -> [n | by, bx, t | ky, kx]
+    out = out.reshape(t, n, _NUM_BINS, geom.nfy, _NUM_BINS, geom.nfx).transpose(1, 2, 4, 0, 3, 5)
+    return torch.from_numpy(out.reshape(n, _DESCR_SIZE, geom.nfy * geom.nfx)).to(maps.device)
 
 
-def _pool(maps: Tensor, geom: _Geom) -> Tensor:
-    """``(H, 8, N, W)`` -> ``(4*nfy, 8, N, 4*nfx)``: rows first (as VLFeat), then columns.
+def _replicate(maps: Tensor, dim: int, axis: _Axis, length: int) -> None:
+    """Pad the maps by continuity along ``dim`` in place: the samples before (after) the image
+    become copies of its first (last) one."""
+    before = -axis.first  # maps index of the image's first sample
+    after = length - axis.first  # maps index just past the image's last sample
+    if before > 0:
+        maps.narrow(dim, 0, before).copy_(maps.narrow(dim, before, 1).expand_as(maps.narrow(dim, 0, before)))
+    if after < axis.size:
+        tail = maps.narrow(dim, after, axis.size - after)
+        tail.copy_(maps.narrow(dim, after - 1, 1).expand_as(tail))
 
-    With the image rows outermost both passes are single GEMMs: ``A_y @ maps`` with ``maps``
-    seen as ``(H, 8*N*W)``, then ``@ A_x^T`` with the result seen as ``(4*nfy*8*N, W)``.
+
+def _replicate_adjoint(grad: Tensor, dim: int, axis: _Axis, length: int) -> None:
+    """Transpose of :func:`_replicate`, in place: the padding's gradients are added to the
+    image's first and last samples."""
+    before = -axis.first
+    after = length - axis.first
+    if before > 0:
+        grad.narrow(dim, before, 1).add_(grad.narrow(dim, 0, before).sum(dim, keepdim=True))
+    if after < axis.size:
+        grad.narrow(dim, after - 1, 1).add_(grad.narrow(dim, after, axis.size - after).sum(dim, keepdim=True))
+
+
+def _windows(signal: Tensor, count: int, width: int, stride: int, inner: int) -> Tensor:
+    """``(count, width, inner)`` strided view of the 1-D ``signal``: window ``j`` holds the
+    ``width`` rows of ``inner`` samples from row ``j * stride`` (overlapping when
+    ``stride < width``)."""
+    return signal.as_strided((count, width, inner), (stride * inner, inner, 1), signal.storage_offset())
+
+
+def _banded_adjoint(grad: Tensor, kernel: Tensor, out: Tensor) -> None:
+    """Transpose of a banded binning (:class:`_Axis`): ``(J, 4, inner)`` output gradients ->
+    the gradients of the ``(J + 1, s, inner)`` samples under the windows, written to ``out``.
+    Window ``j`` spans blocks ``j`` and ``j + 1`` of ``s`` rows, so block ``j`` receives
+    ``K_lo^T g_j + K_hi^T g_(j - 1)``: a batched product, then one accumulated in place."""
+    centres, s = grad.shape[0], out.shape[1]
+    torch.matmul(kernel[:, :s].t(), grad, out=out[:centres])
+    out[centres].zero_()
+    out[1:].baddbmm_(kernel[:, s:].t().expand(centres, s, _NUM_BINS), grad)
+
+
+def _descriptor_view(pooled: Tensor, rows: _Axis, cols: _Axis, geom: _Geom, n: int) -> Tensor:
+    """The ``(N, 4, 4, 8, nfy, nfx)`` [n | by, bx, t | ky, kx] view of the binned maps
+    ``(rows outputs, cols outputs (+ 4 when banded), N, 8)``: descriptor dimension
+    ``t + 8 bx + 32 by``, frame ``ky * nfx + kx``, cyvlfeat's orders."""
+    inner = n * _NUM_ORI
+    row = (cols.outputs + (_NUM_BINS if cols.kernel is not None else 0)) * inner
+    strides = (_NUM_ORI, rows.strides[0] * row, cols.strides[0] * inner, 1,
+               rows.strides[1] * row, cols.strides[1] * inner)
+    size = (n, _NUM_BINS, _NUM_BINS, _NUM_ORI, geom.nfy, geom.nfx)
+    return pooled.as_strided(size, strides, pooled.storage_offset())
+
+
+_INDEX: dict[tuple, Tensor] = {}
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int, like: Tensor) -> Tensor:
+    """A ``(numel,)`` scratch buffer of ``like``'s dtype and device, reused by this thread.
+
+    For the large temporaries that never leave a function (the orientation maps and the
+    row-binned maps, several MB): a fresh allocation of that size costs page faults (glibc
+    returns freed memory to the system), more than the work done in it.
     """
-    h, t, n, w = maps.shape
-    a_y, a_x = _binning_matrices(geom, maps.dtype, maps.device)
-    z = a_y @ maps.view(h, t * n * w)
-    return (z.view(-1, w) @ a_x.t()).view(a_y.shape[0], t, n, a_x.shape[0])
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, like.device, like.dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = like.new_empty(numel)
+    return buffer[:numel]
 
 
-def _pool_adjoint(grad: Tensor, geom: _Geom, n: int) -> Tensor:
-    """``(4*nfy, 8, N, 4*nfx)`` -> ``(H, 8, N, W)``: the transpose of :func:`_pool`."""
-    a_y, a_x = _binning_matrices(geom, grad.dtype, grad.device)
-    z = grad.reshape(-1, a_x.shape[0]) @ a_x  # (4 nfy * 8 * N, W)
-    out = a_y.t() @ z.view(a_y.shape[0], -1)
-    return out.view(geom.height, _NUM_ORI, n, geom.width)
+def _map_index(rows: _Axis, cols: _Axis, n: int, height: int, width: int, device: torch.device) -> Tensor:
+    """``(N, 1, H, W)`` flat index of each pixel's orientation 0 in the ``(rows.size, cols.size,
+    N, 8)`` maps, or of a trash area of 8 samples just after them for the pixels outside the
+    maps (cached)."""
+    key = (rows.key, cols.key, n, str(device))
+    index = _INDEX.get(key)
+    if index is None:
+        if len(_INDEX) >= 16:
+            _INDEX.clear()
+        y = np.arange(height).reshape(-1, 1, 1) - rows.first
+        x = np.arange(width).reshape(1, -1, 1) - cols.first
+        b = np.arange(n).reshape(1, 1, -1)
+        flat = ((y * cols.size + x) * n + b) * _NUM_ORI  # (H, W, N)
+        trash = rows.size * cols.size * n * _NUM_ORI
+        inside = (y >= 0) & (y < rows.size) & (x >= 0) & (x < cols.size)
+        flat = np.where(inside, flat, trash)
+        dtype = torch.int32 if trash < 2**31 - _NUM_ORI else torch.int64
+        index = _INDEX[key] = _pixel_major(torch.from_numpy(flat).to(device=device, dtype=dtype)[..., None])
+    return index
 
 
-def _to_descriptors(hist: Tensor, n: int, nfy: int, nfx: int) -> Tensor:
-    """``(4*nfy, 8, N, 4*nfx)`` [biny, ky | t | n | binx, kx] -> ``(N, 128, F)``
-    [biny, binx, t | ky, kx]."""
-    h = hist.view(_NUM_BINS, nfy, _NUM_ORI, n, _NUM_BINS, nfx).permute(3, 0, 4, 2, 1, 5)
-    return h.reshape(n, _DESCR_SIZE, nfy * nfx)
+def _pixel_major(x: Tensor) -> Tensor:
+    """``(H, W, N, 1)`` -> ``(N, 1, H, W)`` view (memory in pixel-major order, images innermost)."""
+    return x.permute(2, 3, 0, 1)
 
 
-def _from_descriptors(d: Tensor, n: int, nfy: int, nfx: int) -> Tensor:
-    """Inverse of :func:`_to_descriptors`."""
-    h = d.reshape(n, _NUM_BINS, _NUM_BINS, _NUM_ORI, nfy, nfx).permute(1, 4, 3, 0, 2, 5)
-    return h.reshape(_NUM_BINS * nfy, _NUM_ORI, n, _NUM_BINS * nfx)
+def _flat(x: Tensor) -> Tensor:
+    """The pixel-major ``(N, 1, H, W)`` tensor ``x`` as a flat view, in memory order."""
+    return x.permute(2, 3, 0, 1).reshape(-1)
 
 
-class _Histograms(torch.autograd.Function):
-    """``(N, 1, H, W)`` images -> ``(N, 128, F)`` spatial histograms of oriented gradients.
+def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, tuple]:
+    """``(n, 1, H, W)`` images -> ``(n, 128, F)`` spatial histograms of oriented gradients,
+    and what :func:`_histograms_backward` needs.
 
-    The orientation maps are laid out ``(H, 8, N, W)``, image rows outermost, so that both
-    binning passes are single GEMMs.
+    The orientation maps are laid out ``(rows, cols, n, 8)`` (:class:`_Axis`; a pixel's two
+    orientations are neighbours in memory), written with two ``index_add_`` (each map entry
+    receives at most one value), and padded by continuity.  Rows are binned first, then
+    columns, both as batched products over the leading dimension: banded, the column windows
+    of all the row outputs are one strided view (the windows of consecutive rows follow each
+    other ``s`` samples apart when one extra, unused window is computed per row).  The
+    descriptors are a strided view of the result (:func:`_descriptor_view`).
     """
+    n, _, h, w = image.shape
+    flat_vlfeat = geom.fast and vlfeat_math  # VLFeat's running sums need the whole image
+    rows, cols = _axes(geom, banded=not flat_vlfeat)
+    # the per-pixel tensors are laid out pixel-major like the maps, so that the scatter
+    # below (and the gather of the backward pass) run through memory in order
+    pixels = _pixel_major(image.permute(2, 3, 0, 1).contiguous())
+    bin0, w0, w1, saved = _orientations(pixels, vlfeat_math)
+    base = _map_index(rows, cols, n, h, w, image.device)
+    index0 = torch.add(base, bin0)
+    index1 = torch.add(base, bin0.add_(1).bitwise_and_(_NUM_ORI - 1))
+    inner = n * _NUM_ORI
+    maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, image).zero_()  # + trash
+    maps.index_add_(0, _flat(index0), _flat(w0))  # (distinct entries: a copy)
+    maps.index_add_(0, _flat(index1), _flat(w1))
+    state = (index0, index1, not flat_vlfeat, saved)
+    grid = maps[: -_NUM_ORI].view(rows.size, cols.size, inner)
+    if flat_vlfeat:
+        return _vl_flat_pool(grid.view(h, w, n, _NUM_ORI), geom), state
+    if rows.kernel is None:  # dense binning
+        binned = _tensor(rows.matrix, ("matrix", rows.key), image) @ grid.view(h, -1)
+        pooled = torch.matmul(_tensor(cols.matrix, ("matrix", cols.key), image), binned.view(-1, w, inner))
+    else:
+        _replicate(grid, 1, cols, w)
+        _replicate(grid, 0, rows, h)
+        s = geom.bin_size
+        row_kernel = _tensor(rows.kernel, ("kernel", rows.key), image)
+        row_length = cols.size * inner
+        # row outputs, then one more block of s samples read by the last (unused) window
+        binned = _scratch("binned", rows.outputs * row_length + s * inner, image)
+        binned[-s * inner :].zero_()
+        torch.matmul(row_kernel, _windows(maps, rows.centres, 2 * s, s, row_length),
+                     out=binned[: rows.outputs * row_length].view(rows.centres, _NUM_BINS, row_length))
+        col_kernel = _tensor(cols.kernel, ("kernel", cols.key), image)
+        windows = _windows(binned, rows.outputs * (cols.centres + 1), 2 * s, s, inner)
+        pooled = torch.matmul(col_kernel, windows)
+    hist = _descriptor_view(pooled, rows, cols, geom, n).reshape(n, _DESCR_SIZE, geom.nfy * geom.nfx)
+    return hist, state
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx, image: Tensor, geom: _Geom, vlfeat_math: bool
-    ) -> Tensor:
-        n, _, h, w = image.shape
-        bin0, w0, w1, saved = _orientations(image, vlfeat_math)
-        bin1 = (bin0 + 1).bitwise_and_(_NUM_ORI - 1)
-        maps = image.new_zeros((h, _NUM_ORI, n, w))
-        maps.scatter_(1, _rows_first(bin0), _rows_first(w0))
-        maps.scatter_(1, _rows_first(bin1), _rows_first(w1))
-        if geom.fast and vlfeat_math:
-            hist = _vl_flat_pool(maps, geom)
-        else:
-            hist = _pool(maps, geom)
-        ctx.geom = geom  # type: ignore[attr-defined]
-        ctx.save_for_backward(bin0, bin1, *saved)
-        return _to_descriptors(hist, n, geom.nfy, geom.nfx)
 
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, grad: Tensor
-    ) -> tuple[Tensor, None, None]:
-        geom: _Geom = ctx.geom  # type: ignore[attr-defined]
-        bin0, bin1, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
-        gmaps = _pool_adjoint(_from_descriptors(grad, bin0.shape[0], geom.nfy, geom.nfx), geom,
-                              bin0.shape[0])
-        g0 = _images_first(gmaps.gather(1, _rows_first(bin0)))
-        g1 = _images_first(gmaps.gather(1, _rows_first(bin1)))
-        return _orientations_backward(tuple(saved), g0, g1), None, None
-
-
-def _rows_first(x: Tensor) -> Tensor:
-    """``(N, 1, H, W)`` -> ``(H, 1, N, W)`` (a view)."""
-    return x.transpose(0, 2)
-
-
-def _images_first(x: Tensor) -> Tensor:
-    """``(H, 1, N, W)`` -> contiguous ``(N, 1, H, W)``."""
-    return x.transpose(0, 2).contiguous()
+def _histograms_backward(grad: Tensor, state: tuple, geom: _Geom) -> Tensor:
+    """Transpose of :func:`_histograms`: ``(n, 128, F)`` -> the ``(n, 1, H, W)`` image gradient
+    (pixel-major)."""
+    index0, index1, banded, saved = state
+    n, _, h, w = index0.shape
+    inner = n * _NUM_ORI
+    rows, cols = _axes(geom, banded)
+    if rows.kernel is None:
+        pooled = grad.new_zeros(rows.outputs, cols.outputs, inner)
+    else:
+        pooled = grad.new_zeros(rows.outputs * (cols.centres + 1), _NUM_BINS, inner)
+    _descriptor_view(pooled, rows, cols, geom, n).copy_(
+        grad.view(n, _NUM_BINS, _NUM_BINS, _NUM_ORI, geom.nfy, geom.nfx))
+    maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, grad)
+    maps[-_NUM_ORI:].zero_()  # the trash's gradient
+    grid = maps[: -_NUM_ORI].view(rows.size, cols.size, inner)
+    if rows.kernel is None:
+        col_matrix = _tensor(cols.matrix, ("matrix", cols.key), grad)
+        binned = torch.matmul(col_matrix.t(), pooled)  # (rows outputs, W, inner)
+        row_matrix = _tensor(rows.matrix, ("matrix", rows.key), grad)
+        torch.matmul(row_matrix.t(), binned.view(rows.outputs, -1), out=grid.view(h, -1))
+    else:
+        s = geom.bin_size
+        row_length = cols.size * inner
+        binned = _scratch("binned", (pooled.shape[0] + 1) * s * inner, grad)
+        col_kernel = _tensor(cols.kernel, ("kernel", cols.key), grad)
+        _banded_adjoint(pooled, col_kernel, binned.view(-1, s, inner))
+        row_kernel = _tensor(rows.kernel, ("kernel", rows.key), grad)
+        binned = binned[: rows.outputs * row_length].view(rows.centres, _NUM_BINS, row_length)
+        _banded_adjoint(binned, row_kernel, grid.view(rows.centres + 1, s, row_length))
+        _replicate_adjoint(grid, 0, rows, h)
+        _replicate_adjoint(grid, 1, cols, w)
+    g0 = _pixel_major(maps.index_select(0, _flat(index0)).view(h, w, n, 1))
+    g1 = _pixel_major(maps.index_select(0, _flat(index1)).view(h, w, n, 1))
+    return _orientations_backward(saved, g0, g1)
 
 
 # --------------------------------------------------------------------------------------
@@ -571,41 +750,78 @@ def _sum_squares(d: Tensor, sequential: bool) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(out)).to(d.device)
 
 
-class _Normalize(torch.autograd.Function):
-    """``(N, 128, F)`` histograms -> descriptors: L2-normalize, clamp at 0.2, L2-normalize
+def _normalize(h: Tensor, vlfeat_math: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``(n, 128, F)`` histograms -> descriptors: L2-normalize, clamp at 0.2, L2-normalize
     (``_vl_dsift_normalize_histogram``: ``norm = sqrt(Σ h²) + ε``, VLFeat's fast square root
-    and sequential sum with ``vlfeat_math``), then cyvlfeat's ``min(512 d, 255)``."""
+    and sequential sum with ``vlfeat_math``), then cyvlfeat's ``min(512 d, 255)``; and what
+    :func:`_normalize_backward` needs."""
+    root1, inv1 = _sqrt(_sum_squares(h, vlfeat_math), vlfeat_math)
+    n1 = root1.add_(_EPS_F)
+    c = h / n1
+    keep1 = torch.le(c, _CLAMP_F, out=torch.empty_like(c))
+    c.clamp_(max=_CLAMP_F)
+    root2, inv2 = _sqrt(_sum_squares(c, vlfeat_math), vlfeat_math)
+    n2 = root2.add_(_EPS_F)
+    out = torch.div(c, n2).mul_(512.0)
+    keep2 = torch.le(out, 255.0, out=torch.empty_like(out))
+    out.clamp_(max=255.0)
+    return out, (h, n1, inv1, keep1, c, n2, inv2, keep2)
+
+
+def _normalize_backward(grad: Tensor, saved: tuple[Tensor, ...]) -> Tensor:
+    """Transpose of :func:`_normalize` (plain arithmetic)."""
+    h, n1, inv1, keep1, c, n2, inv2, keep2 = saved
+    # y = x / n(x), n = sqrt(Σ x²) + ε:  dx = g / n - x (Σ g x) / (n² sqrt(Σ x²)).
+    gv = torch.mul(grad, keep2).mul_(512.0)
+    gc = gv / n2
+    k = gv.mul_(c).sum(1, keepdim=True).mul_(inv2).div_(n2).div_(n2)
+    gc.addcmul_(c, k, value=-1.0).mul_(keep1)
+    gh = gc / n1
+    k = gc.mul_(h).sum(1, keepdim=True).mul_(inv1).div_(n1).div_(n1)
+    gh.addcmul_(h, k, value=-1.0)
+    return gh
+
+
+_GROUP_PIXELS = 2**18
+"""Pixels per group of images processed together (see :class:`_DSIFTFunction`)."""
+
+
+class _DSIFTFunction(torch.autograd.Function):
+    """``(N, 1, H, W)`` images -> ``(N, F, 128)`` descriptors, with a hand-written backward pass:
+    :func:`_histograms` then :func:`_normalize`, and their transposes.
+
+    The images are processed in groups of about :data:`_GROUP_PIXELS` pixels: the per-pixel
+    temporaries of a group stay in the processor's cache (and in memory the process already
+    has), which makes these memory-bound steps markedly faster than on the whole batch.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, h: Tensor, vlfeat_math: bool
+        ctx: FunctionCtx, image: Tensor, geom: _Geom, vlfeat_math: bool
     ) -> Tensor:
-        root1, inv1 = _sqrt(_sum_squares(h, vlfeat_math), vlfeat_math)
-        n1 = root1.add_(_EPS_F)
-        c = h / n1
-        keep1 = torch.le(c, _CLAMP_F, out=torch.empty_like(c))
-        c.clamp_(max=_CLAMP_F)
-        root2, inv2 = _sqrt(_sum_squares(c, vlfeat_math), vlfeat_math)
-        n2 = root2.add_(_EPS_F)
-        out = torch.div(c, n2).mul_(512.0)
-        keep2 = torch.le(out, 255.0, out=torch.empty_like(out))
-        out.clamp_(max=255.0)
-        ctx.save_for_backward(h, n1, inv1, keep1, c, n2, inv2, keep2)
+        n, _, h, w = image.shape
+        groups = -(-n * h * w // _GROUP_PIXELS)
+        size = -(-n // groups)  # images per group, as even as possible
+        out = image.new_empty(n, geom.nfy * geom.nfx, _DESCR_SIZE)
+        states = []
+        for part, out_part in zip(image.split(size), out.split(size)):
+            hist, histograms = _histograms(part, geom, vlfeat_math)
+            desc, normalization = _normalize(hist, vlfeat_math)
+            out_part.copy_(desc.transpose(1, 2))
+            states.append((histograms, normalization))
+        if ctx.needs_input_grad[0]:
+            ctx.setup = (geom, size, image.shape, states)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        h, n1, inv1, keep1, c, n2, inv2, keep2 = ctx.saved_tensors  # type: ignore[attr-defined]
-        # y = x / n(x), n = sqrt(Σ x²) + ε:  dx = g / n - x (Σ g x) / (n² sqrt(Σ x²)).
-        gv = torch.mul(grad, keep2).mul_(512.0)
-        gc = gv / n2
-        k = gv.mul_(c).sum(1, keepdim=True).mul_(inv2).div_(n2).div_(n2)
-        gc.addcmul_(c, k, value=-1.0).mul_(keep1)
-        gh = gc / n1
-        k = gc.mul_(h).sum(1, keepdim=True).mul_(inv1).div_(n1).div_(n1)
-        gh.addcmul_(h, k, value=-1.0)
-        return gh, None
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        geom, size, shape, states = ctx.setup  # type: ignore[attr-defined]
+        out = grad.new_empty(shape)
+        for grad_part, out_part, (histograms, normalization) in zip(grad.split(size), out.split(size), states):
+            hist_grad = _normalize_backward(grad_part.transpose(1, 2), normalization)
+            out_part.copy_(_histograms_backward(hist_grad, histograms, geom))
+        return out, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -662,9 +878,7 @@ def dsift(
         vlfeat_rounding = image.device.type == "cpu"
     vlfeat_rounding = bool(vlfeat_rounding) and image.dtype == torch.float32
     geom = _Geom(h, w, int(bin_size), int(step), ws, bool(fast), ymin, xmin, nfy, nfx)
-    hist = _Histograms.apply(image.contiguous(), geom, vlfeat_rounding)
-    desc = _Normalize.apply(hist, vlfeat_rounding)
-    return desc.transpose(1, 2).contiguous()
+    return _DSIFTFunction.apply(image, geom, vlfeat_rounding)
 
 
 class DSIFT(Representation):
