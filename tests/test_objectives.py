@@ -125,3 +125,23 @@ def test_jitter_crop_per_element_offsets_and_gradient():
     assert canvas.grad[0, 0, 3].sum() == 0 and canvas.grad[0, 0, :, 0].sum() == 0
     assert canvas.grad[1, 0, 0].sum() == 0 and canvas.grad[1, 0, :, 4].sum() == 0
     assert canvas.grad.sum() == 2 * 12
+
+
+@pytest.mark.parametrize("alpha", [6.0, 4.0, 2.5])
+def test_bounded_range_closed_form_gradient_equals_autograd(alpha):
+    reg = BoundedRange(alpha, 80.0)
+    x = (torch.randn(3, 3, 7, 9, dtype=torch.float64) * 60).requires_grad_(True)
+    values, grad = reg.value_and_grad(x.detach())
+    torch.testing.assert_close(values, reg(x).detach())
+    (ref,) = torch.autograd.grad(reg(x).sum(), x)
+    torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.5, 1.0])
+def test_total_variation_closed_form_gradient_equals_autograd(beta):
+    tv = TotalVariation(beta, 80 / 6.5)
+    x = (torch.randn(2, 3, 6, 8, dtype=torch.float64) * 40).requires_grad_(True)
+    values, grad = tv.value_and_grad(x.detach())
+    torch.testing.assert_close(values, tv(x).detach())
+    (ref,) = torch.autograd.grad(tv(x).sum(), x)
+    torch.testing.assert_close(grad, ref)

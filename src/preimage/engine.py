@@ -232,10 +232,15 @@ def optimize_batch(
             crop = jitter_crop(x, offsets, (H, W))
             code = representation(crop)
             e_loss = settings.C * loss(code)
-            e_range = settings.lambda_alpha * bounded(x)
-            e_tv = settings.lambda_tv * tv(x)
-            e_total = e_loss + e_range + e_tv
-            e_total.sum().backward()
+            e_loss.sum().backward()  # the data term through Φ; the regularizers in closed form:
+            with torch.no_grad():
+                e_range, g_range = bounded.value_and_grad(x)
+                e_tv, g_tv = tv.value_and_grad(x)
+                if x.grad is None:  # a loss that does not depend on x (C = 0)
+                    x.grad = torch.zeros_like(x)
+                x.grad.add_(g_range, alpha=settings.lambda_alpha).add_(g_tv, alpha=settings.lambda_tv)
+                e_range, e_tv = settings.lambda_alpha * e_range, settings.lambda_tv * e_tv
+                e_total = e_loss.detach() + e_range + e_tv
             opt.step()
             with torch.no_grad():
                 energy[t] = torch.stack([e_loss, e_range, e_tv, e_total]).detach().float()
