@@ -258,3 +258,15 @@ def test_bf16_inversion_costs_no_quality_on_squeezenet() -> None:
                                   / judge(judge.preprocess(x)).norm())
     assert errors["fp32"] < 0.6
     assert errors["bf16"] < errors["fp32"] + 0.02, errors
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    from preimage.representations.base import RepresentationError
+    from preimage.representations.cnn import fast_bf16, resolve_precision
+
+    assert resolve_precision("auto") == ("bf16" if fast_bf16() else "fp32")
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    with pytest.raises(RepresentationError, match="unknown precision"):
+        resolve_precision("fp8")
+    rep = ModuleCut(low_precision(tiny_cnn()), "1", mean=(0, 0, 0), std=(1, 1, 1), channels_last=True)
+    assert rep.config()["precision"] == "bfloat16"

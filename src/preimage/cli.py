@@ -30,12 +30,13 @@ from .engine import PreimageError
 from .io import ImageError, grid, list_images, read_image, save_json, save_npy, save_png
 from .objectives import ObjectiveError
 from .representations import SHALLOW, ModuleCut, Representation, RepresentationError, make_representation
+from .representations.cnn import resolve_precision
 
 console = Console(stderr=True)
 EXPECTED = (ImageError, RepresentationError, ObjectiveError, PreimageError, FileExistsError, OSError,
             click.BadParameter)
 SAMPLE = "astronaut"
-DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION = "auto"  # bf16 where the CPU (AMX / AVX512-BF16) or GPU runs it natively
 
 
 class UsageFailure(click.ClickException):
@@ -262,7 +263,7 @@ common_rep = [
     click.option("--color/--gray", default=False, show_default=True, help="HOG on colour (max-gradient channel)."),
     click.option("--exact-gradient", is_flag=True,
                  help="Plain HOG: back-propagate its exact gradient (the paper) instead of HOGb's surrogate."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
+    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
                  help="Arithmetic of a --model network (bf16: several times faster on AMX CPUs and GPUs; "
                       "image and optimizer stay fp32)."),
 ]
@@ -365,7 +366,7 @@ def invert(images: tuple[Path, ...], rep: str | None, model_spec: str | None, mo
             rep = rep or ("hog" if model_spec is None and module is None else None)
             images = (_sample_image(out, size, overwrite),)
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=resolve_precision(precision, device),
                                          exact_gradient=exact_gradient)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
@@ -436,7 +437,7 @@ def caricature(images: tuple[Path, ...], rep: str | None, model_spec: str | None
 
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=resolve_precision(precision, device),
                                          exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         gray = representation.in_channels == 1
@@ -476,7 +477,7 @@ def maximize(rep: str | None, model_spec: str | None, module: str | None, layer:
     with _errors():
         seed_list = _parse_ints(seeds, "seeds")
         unit_list = _parse_ints(units, "units")
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=resolve_precision(precision, device),
                                          exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, 0, jitter, alpha, beta, B, lr_fraction)
         name = representation.name.replace(":", "-")
@@ -613,7 +614,7 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
         except ValueError:
             raise click.BadParameter(f"--values must be comma-separated numbers, got {values!r}") from None
         _check_free([out, out.with_suffix(".json")], overwrite)
-        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=precision,
+        representation = _representation(rep, module, layer, weights, preprocess, cell_size, color, model_spec=model_spec, precision=resolve_precision(precision, device),
                                          exact_gradient=exact_gradient).to(device)
         settings = _settings(C, iterations, fine_iterations, jitter, alpha, beta, B, lr_fraction)
         photo = read_image(image, size=size or None, gray=representation.in_channels == 1)
@@ -709,7 +710,7 @@ def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, f
 @click.option("--iterations", type=click.IntRange(0), default=300, show_default=True)
 @click.option("--fine-iterations", type=click.IntRange(0), default=50, show_default=True)
 @click.option("--jitter", type=click.IntRange(1), default=None, help="Jitter T (default: round(stride/4)).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
               help="Arithmetic of the network during the optimization (errors are measured in fp32).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
@@ -750,7 +751,7 @@ def table5(model_spec: str, weights: Path | None, images_dir: Path, limit: int, 
                 progress.update(task, advance=k)
                 progress.reset(step_task)
 
-            api_table5(loaded, files, out, settings, chosen, Cs, precision=precision, seed=seed,
+            api_table5(loaded, files, out, settings, chosen, Cs, precision=resolve_precision(precision, device), seed=seed,
                        batch_size=batch_size, device=device, on_cell=on_cell, on_batch=on_batch,
                        on_step=_step_callback(progress, step_task), report_only=report)
         click.echo((out / "table5.md").read_text().rstrip())
@@ -788,7 +789,7 @@ FIGURES = {
               help="Images of --images used to measure M when no --stats file has the layer.")
 @click.option("--iterations", type=click.IntRange(0), default=300, show_default=True)
 @click.option("--fine-iterations", type=click.IntRange(0), default=50, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Redo figures already in --out (by default they are kept).")
@@ -855,7 +856,7 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
                     progress.update(fig_task, advance=1, info=f"{png.name} kept")
                     continue
                 progress.update(fig_task, description=f"figure {w}")
-                common = dict(precision=precision, device=device, callback=cb)
+                common = dict(precision=resolve_precision(precision, device), device=device, callback=cb)
                 inv = dict(common, fixed_C=fixed_C)
                 if w == "5":
                     panel = F.layer_inversions(loaded, photos[:1], layers, settings, **inv)
@@ -873,7 +874,7 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
                 else:
                     panel = F.caricature_grid(loaded, photos, F.spread(conv + [last], 6), am_settings, **common)
                 save_png(panel.image, png)
-                save_json({"figure": w, "model": loaded.name, "weights": loaded.source, "precision": precision,
+                save_json({"figure": w, "model": loaded.name, "weights": loaded.source, "precision": resolve_precision(precision, device),
                            "images": [str(p) for p in files], "tiles": panel.tiles}, png.with_suffix(".json"))
                 progress.update(fig_task, advance=1)
                 click.echo(f"figure {w} -> {png}")

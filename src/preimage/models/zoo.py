@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..representations.base import Geometry, RepresentationError
-from ..representations.cnn import ModuleCut, low_precision
+from ..representations.cnn import ModuleCut, low_precision, resolve_precision
 from .caffe import CaffeInnerProduct, CaffeLRN, CaffeNet, CaffePooling, ModelError, load_caffe, read_caffemodel
 from .matconvnet import _is_hdf5, load_matconvnet
 from .networks import (
@@ -128,10 +128,9 @@ class LoadedModel:
     def compute_module(self, precision: str = "fp32") -> nn.Module:
         """The network in ``precision``: ``fp32`` is :attr:`module` itself; ``bf16`` a cached
         bf16 channels-last copy (:func:`preimage.representations.cnn.low_precision`)."""
+        precision = resolve_precision(precision, next((p.device for p in self.module.parameters()), "cpu"))
         if precision == "fp32":
             return self.module
-        if precision != "bf16":
-            raise RepresentationError(f"unknown precision {precision!r} (fp32 or bf16)")
         if self._bf16 is None:
             self._bf16 = low_precision(self.module, torch.bfloat16)
         return self._bf16
@@ -140,11 +139,13 @@ class LoadedModel:
         """Φ = the output of ``layer``, in this model's input convention, with analytic geometry.
 
         The representation's name is ``"<model>:<layer>"`` (``/`` in Caffe layer names becomes ``_``).
-        ``precision="bf16"`` computes the network in bf16 (image, code and optimizer stay fp32).
+        ``precision="bf16"`` computes the network in bf16 (image, code and optimizer stay fp32);
+        ``"auto"`` means bf16 where the hardware runs it natively (:func:`~preimage.representations.cnn.fast_bf16`).
         """
         from ..geometry import GeometryError
 
         module_name = self.module_name(layer)
+        precision = resolve_precision(precision, next((p.device for p in self.module.parameters()), "cpu"))
         try:
             geometry: Geometry | None = self.geometry(layer)
         except GeometryError:
