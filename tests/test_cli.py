@@ -252,3 +252,14 @@ def test_stats_then_maximize_with_M(images, tmp_path):
     assert side["activation"] > M[5]
     assert "no statistics for layer" in one_line_error(
         run("maximize", *model, "--layer", "pool1", "--stats", out, "--out", tmp_path / "am2"))
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from preimage.io import save_json
+
+    save_json({"a": 1}, tmp_path / "x.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
