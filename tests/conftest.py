@@ -32,6 +32,17 @@ def imagenet_dir() -> Path:
     return IMAGENET
 
 
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """A folder of three small PNG photos (astronaut, coffee, chelsea), 48x48."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        a = (photo(name, 48).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{name}.png")
+    return folder
+
+
 def tiny_cnn(seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(

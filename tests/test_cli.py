@@ -16,16 +16,6 @@ from .conftest import photo
 FAST = ["--iterations", "15", "--fine-iterations", "5"]
 
 
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
-        a = (photo(name, 48).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(a).save(folder / f"{name}.png")
-    return folder
-
-
 def run(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 

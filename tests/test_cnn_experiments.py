@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from preimage.cli import main
 from preimage.defaults import Settings
@@ -36,16 +34,6 @@ def tiny(tmp_path: Path) -> Path:
     proto.parent.mkdir()
     proto.write_text(TINY_PROTOTXT)
     return proto
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
-        a = (photo(name, 48).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(a).save(folder / f"{name}.png")
-    return folder
 
 
 def run(*args: object):

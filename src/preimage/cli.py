@@ -830,7 +830,7 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
         settings = Settings(iterations=iterations, fine_iterations=fine_iterations)
         am_settings = settings.replace(C=1.0)  # section 6: C = 1 for activation maximization and caricatures
         conv = F.filter_layers(loaded, layers)
-        last = next(n for n in reversed(loaded.layers) if n in select_layers(loaded, "all"))
+        last = select_layers(loaded, "all")[-1]  # the class scores: the last layer before a softmax
         maxima_cache: dict[str, torch.Tensor] = {}
 
         def maxima(layer: str) -> torch.Tensor:

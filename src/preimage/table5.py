@@ -129,7 +129,7 @@ def table5(
     if not images:
         raise RepresentationError("no images to evaluate")
     size = loaded.convention.input_size
-    classify = top1_classifier(loaded)
+    classify = top1_classifier(loaded) if not report_only else None
     n_images = len(images)
 
     def load(p: Path) -> Tensor:
