@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from preimage.allocator import keep_freed_memory
 from preimage.defaults import PAPER
 from preimage.engine import Stage, optimize
 from preimage.objectives import L2Loss
@@ -237,7 +238,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup: int, iters: int,
-                device: torch.device) -> float:
+                device: torch.device, compile: bool = False) -> float:
     """Seconds per engine step (whole batch): ``iters`` steps of one :func:`optimize` call after ``warmup``.
 
     Time stamps are taken in the engine's callback, called every ``gcd(warmup, iters)`` steps,
@@ -250,7 +251,7 @@ def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup
         stamps[t] = time.perf_counter()
 
     optimize(rep, loss, (size, size), list(range(batch)), PAPER, [Stage(warmup + iters)], device=device,
-             callback=stamp, callback_every=math.gcd(warmup, iters))
+             callback=stamp, callback_every=math.gcd(warmup, iters), batch_size=batch, compile=compile)
     return (stamps[warmup + iters] - stamps[warmup]) / iters
 
 
@@ -290,13 +291,13 @@ def count_flops(rep: Representation, batch: int, size: int, device: torch.device
     return int(counter.get_total_flops())
 
 
-def time_full_inversion(rep: Representation, photos: Tensor, device: torch.device) -> float:
+def time_full_inversion(rep: Representation, photos: Tensor, device: torch.device, compile: bool = False) -> float:
     """Seconds for the default inversion (300 + 50 iterations) of the whole batch, target code included."""
     from preimage.visualizations import invert
 
     synchronize(device)
     start = time.perf_counter()
-    invert(rep, photos, seeds=[0], settings=PAPER, device=device)
+    invert(rep, photos, seeds=[0], settings=PAPER, device=device, batch_size=len(photos), compile=compile)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -309,6 +310,7 @@ def max_rss_mb() -> float:
 
 def run_case(case: Case, opts: argparse.Namespace) -> Record:
     """Measure one case in this process (meant to be a fresh one: peak memory is the process's)."""
+    keep_freed_memory()  # what the engine does on its first call: the bare timing gets it too
     device = torch.device(opts.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -323,11 +325,11 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
     iters = opts.shallow_iters if case.shallow else opts.iters
     warmup = max(1, opts.warmup)
 
-    engine = time_engine(rep, loss, case.size, case.batch, warmup, iters, device)
+    engine = time_engine(rep, loss, case.size, case.batch, warmup, iters, device, opts.compile)
     bare = time_bare(rep, case.batch, case.size, warmup, iters, device)
     flops = count_flops(rep, case.batch, case.size, device)
     estimated = not (case.shallow or opts.full)
-    full = FULL_ITERATIONS * engine if estimated else time_full_inversion(rep, photos, device)
+    full = FULL_ITERATIONS * engine if estimated else time_full_inversion(rep, photos, device, opts.compile)
 
     per_img = 1.0 / case.batch
     gflop = None if case.shallow or flops == 0 else flops * per_img / 1e9
@@ -348,6 +350,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "weights": weights,
         "code_shape": list(target.shape[1:]),
         "threads": torch.get_num_threads(),
+        "compiled": opts.compile,
         "warmup": warmup,
         "iterations_timed": iters,
         "engine_s_per_img_iter": engine * per_img,
@@ -548,6 +551,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="timed engine / bare iterations for CNNs (default 5; --quick: 2)")
     p.add_argument("--shallow-iters", type=int, help="the same for HOG/HOGb/DSIFT (default 20; --quick: 3)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 2; --quick: 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="engine with compile=True (preimage.fused; compilation happens in the warm-up)")
     p.add_argument("--full", action="store_true", help="really run the 350-iteration inversion for CNNs too")
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, batch 1, early layers, fp32")
     p.add_argument("--peak-size", type=int, help="side of the peak matrix product (default 4096; --quick: 1024)")
@@ -591,6 +596,8 @@ def child_argv(case: Case, opts: argparse.Namespace) -> list[str]:
             "--iters", str(opts.iters), "--shallow-iters", str(opts.shallow_iters), "--warmup", str(opts.warmup)]
     if opts.full:
         argv.append("--full")
+    if opts.compile:
+        argv.append("--compile")
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     if opts.random_squeezenet:

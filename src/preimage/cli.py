@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import __version__
+from . import __version__, fused
 from .defaults import Settings
 from .engine import PreimageError
 from .io import ImageError, grid, list_images, read_image, save_json, save_npy, save_png
@@ -267,6 +267,15 @@ common_rep = [
                  help="Arithmetic of a --model network (bf16: several times faster on AMX CPUs and GPUs; "
                       "image and optimizer stay fp32)."),
 ]
+def _set_compile(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    fused.set_default(value)
+    return value
+
+
+compile_opt = click.option(
+    "--compile", is_flag=True, expose_value=False, callback=_set_compile,
+    help="Fuse each step's image-side work into one torch.compile'd kernel: faster for long runs "
+         "(and on GPUs), ~15 s of compilation the first time.")
 common_opt = [
     click.option("--C", "C", type=float, default=100.0, show_default=True, help="Loss weight C of eq. (1)."),
     click.option("--iterations", type=click.IntRange(0), default=300, show_default=True, help="Iterations at eta0."),
@@ -280,6 +289,7 @@ common_opt = [
     click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, one run each."),
     click.option("--device", default="cpu", show_default=True, callback=_valid_device, help="cpu or cuda."),
     click.option("--overwrite", is_flag=True, help="Replace existing outputs."),
+    compile_opt,
 ]
 
 
@@ -652,6 +662,7 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
 @click.option("--batch-size", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@compile_opt
 def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, fine_iterations: int, methods: str,
            hoggle_model: Path | None, train_limit: int, batch_size: int, device: str, out: Path) -> None:
     """The paper's Table 4 and Figure 4: HOGgle, HOG, HOGb and DSIFT on the same images (resumable)."""
@@ -717,6 +728,7 @@ def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, f
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--report", is_flag=True, help="Compute nothing: write the table from the cells already finished.")
+@compile_opt
 def table5(model_spec: str, weights: Path | None, images_dir: Path, limit: int, layer_spec: str, C_values: str,
            iterations: int, fine_iterations: int, jitter: int | None, precision: str, seed: int, batch_size: int,
            device: str, out: Path, report: bool) -> None:
@@ -793,6 +805,7 @@ FIGURES = {
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Redo figures already in --out (by default they are kept).")
+@compile_opt
 def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, images_dir: Path | None, limit: int,
             which: str, layer_spec: str, seeds: str, window: int, filters: int, classes: str, labels: Path | None,
             stats_file: Path | None, stats_limit: int, iterations: int, fine_iterations: int, precision: str,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import fused
+from .allocator import keep_freed_memory
 from .defaults import Settings
 from .objectives import BoundedRange, TotalVariation, jitter_crop
 from .optim import PreimageSGD
@@ -51,6 +53,7 @@ class Trace:
     energy: dict[str, Tensor]  # term -> (iterations, N)
     jitter: int  # T actually used
     lr: float  # the step actually used: H * W * eta0
+    compiled: bool = False  # whether the fused compiled step ran (preimage.fused)
 
 
 def representation_device(representation: Representation) -> torch.device:
@@ -96,9 +99,10 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     if dev.type == "cuda":
         return int(torch.cuda.mem_get_info(dev)[0])
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 8 << 30
@@ -138,6 +142,7 @@ def optimize(
     callback: Callback | None = None,
     callback_every: int = 10,
     batch_size: int | None = None,
+    compile: bool | None = None,
 ) -> Trace:
     """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for ``len(seeds)`` elements.
 
@@ -147,12 +152,14 @@ def optimize(
     own seed.  See :func:`optimize_batch` for the arguments; ``callback`` sees one count of
     iterations over all chunks.
     """
+    keep_freed_memory()  # no page faults on the step's buffers (allocator.py)
     N = len(seeds)
     dev = torch.device(device) if device is not None else representation_device(representation)
     if batch_size is None and N > 1 and hasattr(loss, "select"):
         batch_size = auto_batch_size(representation, size, dev)
     if batch_size is None or N <= batch_size or not hasattr(loss, "select"):
-        return optimize_batch(representation, loss, size, seeds, settings, stages, init, dev, callback, callback_every)
+        return optimize_batch(representation, loss, size, seeds, settings, stages, init, dev, callback, callback_every,
+                              compile)
     total = sum(s.iterations for s in stages)
     starts = list(range(0, N, batch_size))
     traces = []
@@ -163,12 +170,13 @@ def optimize(
             def cb(t: int, _total: int, e: dict[str, float], k: int = k) -> None:
                 callback(k * total + t, len(starts) * total, e)
         traces.append(optimize_batch(representation, loss.select(part), size, seeds[part], settings, stages,  # type: ignore[attr-defined]
-                                     init[part] if init is not None else None, dev, cb, callback_every))
+                                     init[part] if init is not None else None, dev, cb, callback_every, compile))
     return Trace(
         x=torch.cat([tr.x for tr in traces]),
         energy={k: torch.cat([tr.energy[k] for tr in traces], dim=1) for k in traces[0].energy},
         jitter=traces[0].jitter,
         lr=traces[0].lr,
+        compiled=all(tr.compiled for tr in traces),
     )
 
 
@@ -183,6 +191,7 @@ def optimize_batch(
     device: torch.device | str | None = None,
     callback: Callback | None = None,
     callback_every: int = 10,
+    compile: bool | None = None,
 ) -> Trace:
     """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for a batch of ``len(seeds)``
     in one tensor.
@@ -199,6 +208,10 @@ def optimize_batch(
         device: where to compute; defaults to the representation's device.
         callback: called as ``callback(t, total, batch_mean_energies)`` every
             ``callback_every`` iterations and at the last one.
+        compile: run the regularizers, Algorithm 1 and the projection as one kernel compiled
+            by ``torch.compile`` (:mod:`preimage.fused`; beta = 2 only, else ignored).  Same
+            results up to float rounding; pays off for long runs and on GPUs.  None: the
+            process default (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``).
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
@@ -228,6 +241,14 @@ def optimize_batch(
 
     for prm in representation.parameters():
         prm.requires_grad_(False)
+    phi = representation.for_optimization() if isinstance(representation, Representation) else representation
+
+    update = fused.compiled_update() if fused.wanted(compile) and tv.beta == 2.0 else None
+    state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
+    state.setdefault("G", torch.zeros_like(x))
+    state.setdefault("mu", torch.zeros_like(x))
+    fused_constants = dict(alpha=bounded.alpha, B=bounded.B, B_plus=bounded.B_plus, V=tv.V,
+                           lambda_alpha=settings.lambda_alpha, lambda_tv=settings.lambda_tv, rho=settings.momentum)
 
     total = sum(s.iterations for s in stages)
     energy = torch.zeros(total, len(ENERGY_TERMS), N, device=device)
@@ -242,18 +263,28 @@ def optimize_batch(
                 offsets = centre_off
             opt.zero_grad(set_to_none=True)
             crop = jitter_crop(x, offsets, (H, W))
-            code = representation(crop)
+            code = phi(crop)
             e_loss = settings.C * loss(code)
             e_loss.sum().backward()  # the data term through Φ; the regularizers in closed form:
             with torch.no_grad():
-                e_range, g_range = bounded.value_and_grad(x)
-                e_tv, g_tv = tv.value_and_grad(x)
                 if x.grad is None:  # a loss that does not depend on x (C = 0)
                     x.grad = torch.zeros_like(x)
-                x.grad.add_(g_range, alpha=settings.lambda_alpha).add_(g_tv, alpha=settings.lambda_tv)
+                stepped = False
+                if update is not None:
+                    try:  # regularizers + Algorithm 1 + projection in one compiled kernel (fused.py)
+                        lr_now = torch.tensor(opt.param_groups[0]["lr"], device=device)  # a tensor: no recompile per stage
+                        e_range, e_tv = update(x.detach(), x.grad, state["G"], state["mu"], lr=lr_now, **fused_constants)
+                        stepped = True
+                    except Exception as err:  # noqa: BLE001 - any compiler failure: stay eager
+                        fused.disable(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+                        update = None
+                if not stepped:
+                    e_range, _ = bounded.value_and_grad(x, into=x.grad, weight=settings.lambda_alpha)
+                    e_tv, _ = tv.value_and_grad(x, into=x.grad, weight=settings.lambda_tv)
                 e_range, e_tv = settings.lambda_alpha * e_range, settings.lambda_tv * e_tv
                 e_total = e_loss.detach() + e_range + e_tv
-            opt.step()
+            if not stepped:
+                opt.step()
             with torch.no_grad():
                 energy[t] = torch.stack([e_loss, e_range, e_tv, e_total]).detach().float()
             t += 1
@@ -273,4 +304,5 @@ def optimize_batch(
         energy={k: energy_cpu[:, i] for i, k in enumerate(ENERGY_TERMS)},
         jitter=T,
         lr=lr,
+        compiled=update is not None,
     )

@@ -195,18 +195,24 @@ class BoundedRange:
         return _per_element_sum(v) / (H * W)
 
     @torch.no_grad()
-    def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, x: Tensor, into: Tensor | None = None, weight: float = 1.0) -> tuple[Tensor, Tensor]:
         """The per-element values and their gradient ``dN/dx = alpha/(H W B^2) s^(alpha/2-1) x``
         with ``s = ||x(v,u,:)||^2 / B^2``, in closed form: a few passes over the image instead of
-        autograd's graph (the engine's per-step overhead, issue 5)."""
+        autograd's graph (the engine's per-step overhead, issue 5).
+
+        With ``into``, ``weight`` times the gradient is added to it in place (one fused pass) and
+        ``into`` is returned instead of a new tensor; the values are never weighted.
+        """
         H, W = x.shape[-2:]
         inv_b2 = 1.0 / (self.B * self.B)
-        s = x.square().sum(1, keepdim=True).mul_(inv_b2)
+        s = x.square().sum(1, keepdim=True).mul_(inv_b2)  # one channel: cheap from here on
         half = self.alpha / 2
-        p = s * s if half == 3.0 else s.pow(half - 1)  # s^(alpha/2 - 1)
+        p = s.square() if half == 3.0 else s.pow(half - 1)  # s^(alpha/2 - 1)
         values = _per_element_sum(p * s) / (H * W)
-        grad = x * p.mul_(self.alpha * inv_b2 / (H * W))
-        return values, grad
+        p.mul_(weight * self.alpha * inv_b2 / (H * W))
+        if into is None:
+            return values, x * p
+        return values, into.addcmul_(x, p)
 
     @torch.no_grad()
     def project(self, x: Tensor) -> Tensor:
@@ -242,33 +248,32 @@ class TotalVariation:
         return _per_element_sum(v) / (H * W)
 
     @torch.no_grad()
-    def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The per-element values and their gradient w.r.t. ``x``; for beta = 2 in closed form
-        (``2/(V^2 H W)`` times the backward-minus-forward differences), else by autograd."""
-        return _tv_value_and_grad(self, x)
+    def value_and_grad(self, x: Tensor, into: Tensor | None = None, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+        """The per-element values and their gradient w.r.t. ``x``; with ``into``, ``weight`` times
+        the gradient is added to it in place and ``into`` is returned.
 
-
-def _tv_value_and_grad(tv: "TotalVariation", x: Tensor) -> tuple[Tensor, Tensor]:
-    H, W = x.shape[-2:]
-    if tv.beta != 2.0:  # the general exponent: autograd on a detached copy
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            values = tv(xx)
-            (grad,) = torch.autograd.grad(values.sum(), xx)
-        return values.detach(), grad
-    k = 1.0 / tv.V
-    d_col = (x[..., :, 1:] - x[..., :, :-1]).mul_(k)
-    d_row = (x[..., 1:, :] - x[..., :-1, :]).mul_(k)
-    values = (_per_element_sum(d_col.square()) + _per_element_sum(d_row.square())) / (H * W)
-    c = 2.0 * k / (H * W)  # d/dx of sum d^2 with d = k (x[u+1] - x[u])
-    d_col.mul_(c)
-    d_row.mul_(c)
-    grad = torch.zeros_like(x)
-    grad[..., :, 1:] += d_col
-    grad[..., :, :-1] -= d_col
-    grad[..., 1:, :] += d_row
-    grad[..., :-1, :] -= d_row
-    return values, grad
+        For beta = 2 in closed form: ``2/(V^2 H W)`` times the backward-minus-forward
+        differences; other exponents go through autograd.
+        """
+        if self.beta != 2.0:  # the general exponent: autograd on a detached copy
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_(True)
+                values = self(xx)
+                (grad,) = torch.autograd.grad(values.sum(), xx)
+            values = values.detach()
+            return (values, grad.mul_(weight)) if into is None else (values, into.add_(grad, alpha=weight))
+        H, W = x.shape[-2:]
+        d_col = x[..., :, 1:] - x[..., :, :-1]  # x(v, u+1) - x(v, u)
+        d_row = x[..., 1:, :] - x[..., :-1, :]  # x(v+1, u) - x(v, u)
+        k = 1.0 / (self.V * self.V * H * W)
+        values = (_per_element_sum(d_col.square()) + _per_element_sum(d_row.square())).mul_(k)
+        c = 2.0 * k * weight  # d/dx of k sum d^2
+        grad = into if into is not None else torch.zeros_like(x)
+        grad[..., :, 1:].add_(d_col, alpha=c)
+        grad[..., :, :-1].sub_(d_col, alpha=c)
+        grad[..., 1:, :].add_(d_row, alpha=c)
+        grad[..., :-1, :].sub_(d_row, alpha=c)
+        return values, grad
 
 
 class _JitterCrop(torch.autograd.Function):

@@ -74,8 +74,8 @@ class PreimageSGD(Optimizer):
                     st["mu"] = torch.zeros_like(p)
                 G, mu = st["G"], st["mu"]
                 G.mul_(rho).addcmul_(g, g)  # line 5
-                eta = G.sqrt().add_(inv_eta0).reciprocal_()  # line 6
-                mu.mul_(rho).addcmul_(eta, g, value=-1.0)  # line 7
+                denom = G.sqrt().add_(inv_eta0)  # line 6: eta = 1 / denom
+                mu.mul_(rho).addcdiv_(g, denom, value=-1.0)  # line 7
                 p.add_(mu)  # line 8
                 if self.projection is not None:
                     self.projection(p)

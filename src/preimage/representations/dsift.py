@@ -56,6 +56,7 @@ and differentiable everywhere but at the kinks of the binning and clamping, as
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Sequence
@@ -939,6 +940,15 @@ class DSIFT(Representation):
         self.check_input(x)
         return dsift(x, self.bin_size, self.step, self.fast, self.window_size,
                      vlfeat_rounding=self.vlfeat_rounding)
+
+    def for_optimization(self) -> "DSIFT":
+        """This descriptor in plain float arithmetic (``vlfeat_rounding=False``): the rounding
+        of VLFeat's C code moves descriptors by at most ~1e-2 of 255 and costs ~7% of a step."""
+        if self.vlfeat_rounding is False:
+            return self
+        plain = copy.copy(self)  # shares the buffers; only the flag differs
+        plain.vlfeat_rounding = False
+        return plain
 
     def extra_repr(self) -> str:
         return (

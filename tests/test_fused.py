@@ -1,0 +1,145 @@
+"""The compiled engine step (preimage.fused), the lean regularizer gradients, the allocator
+setting and DSIFT's plain-arithmetic optimization variant (issue 5)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from preimage import allocator, fused
+from preimage.defaults import PAPER
+from preimage.engine import Stage, optimize
+from preimage.objectives import BoundedRange, L2Loss, TotalVariation
+from preimage.optim import PreimageSGD
+from preimage.representations import make_representation
+from preimage.representations.dsift import DSIFT
+
+CONSTANTS = dict(alpha=6.0, B=80.0, B_plus=160.0, V=80 / 6.5, lambda_alpha=1.0, lambda_tv=1.0, rho=0.9)
+
+
+def eager_steps(x0: torch.Tensor, grads: list[torch.Tensor], lr: float, alpha: float = 6.0) -> tuple[torch.Tensor, list]:
+    x = x0.clone().requires_grad_(True)
+    bounded, tv = BoundedRange(alpha, 80.0, 160.0), TotalVariation(2.0, 80 / 6.5)
+    opt = PreimageSGD([x], lr=lr, momentum=0.9, projection=bounded.project)
+    values = []
+    for g in grads:
+        x.grad = g.clone()
+        with torch.no_grad():
+            e1, _ = bounded.value_and_grad(x, into=x.grad)
+            e2, _ = tv.value_and_grad(x, into=x.grad)
+        opt.step()
+        values.append((e1, e2))
+    return x.detach(), values
+
+
+@pytest.mark.parametrize("alpha", [6.0, 4.0])
+def test_fused_update_is_the_eager_step(alpha: float) -> None:
+    """Regularizers + Algorithm 1 + projection written as one function give the eager result."""
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 17, 21) * 90  # some pixels beyond B+ = 160: the projection acts
+    grads = [torch.randn_like(x0) for _ in range(4)]
+    ref, ref_values = eager_steps(x0, grads, lr=5.0, alpha=alpha)
+    x, G, mu = x0.clone(), torch.zeros_like(x0), torch.zeros_like(x0)
+    for g, (e1, e2) in zip(grads, ref_values):
+        f1, f2 = fused.fused_update(x, g.clone(), G, mu, lr=torch.tensor(5.0), **(CONSTANTS | {"alpha": alpha}))
+        torch.testing.assert_close(f1, e1, rtol=1e-5, atol=0)
+        torch.testing.assert_close(f2, e2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-4)
+    assert (x.square().sum(1).sqrt() <= 160 * (1 + 1e-5)).all()
+
+
+def test_regularizer_gradients_accumulate_in_place() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 9, 11) * 50
+    base = torch.randn_like(x)
+    for reg in (BoundedRange(6, 80), TotalVariation(2, 12.0), TotalVariation(1.5, 12.0)):
+        values, grad = reg.value_and_grad(x)
+        into = base.clone()
+        values2, out = reg.value_and_grad(x, into=into, weight=0.25)
+        assert out is into
+        torch.testing.assert_close(values2, values)
+        torch.testing.assert_close(into, base + 0.25 * grad)
+        xx = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(reg(xx).sum(), xx)
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-9)
+
+
+def _hog_problem() -> tuple[torch.nn.Module, L2Loss]:
+    rep = make_representation("hog")
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 1, 48, 48) * 255 - 128
+    with torch.no_grad():
+        return rep, L2Loss(rep(x0))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_engine_compiled_step_matches_eager() -> None:
+    """The compiled kernel really runs (no fallback) and follows the eager trajectory; the
+    trajectories drift apart by float rounding only, so compare the first iterations."""
+    rep, loss = _hog_problem()
+    stages = [Stage(4), Stage(2, lr_factor=0.1, jitter=False)]  # a second stage: new lr, no recompilation
+    eager = optimize(rep, loss, (48, 48), [0, 1], PAPER, stages, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compilation failure would warn: fail instead
+        compiled = optimize(rep, loss, (48, 48), [0, 1], PAPER, stages, compile=True)
+    assert compiled.compiled and not eager.compiled
+    assert fused.active()
+    for term in ("loss", "bounded_range", "tv", "total"):
+        torch.testing.assert_close(compiled.energy[term], eager.energy[term], rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(compiled.x, eager.x, rtol=0, atol=0.5)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler error costs one warning, never the run: the same result as eager."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no compiler here\nlong traceback")
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_broken", None)
+    rep, loss = _hog_problem()
+    eager = optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(3)], compile=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed, running eagerly: RuntimeError: no compiler here$"):
+        fallback = optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(3)], compile=True)
+    assert not fallback.compiled and not fused.active()
+    torch.testing.assert_close(fallback.x, eager.x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # once per process only
+        optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(1)], compile=True)
+
+
+def test_process_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_default", False)
+    assert fused.wanted(None) is False and fused.wanted(True) is True
+    fused.set_default(True)
+    assert fused.wanted(None) is True and fused.wanted(False) is False
+
+
+def test_dsift_optimizes_in_plain_arithmetic() -> None:
+    """The engine differentiates DSIFT without VLFeat's rounding: within 1e-2 of 255 of it."""
+    rep = DSIFT()
+    plain = rep.for_optimization()
+    assert plain is not rep and plain.vlfeat_rounding is False and rep.vlfeat_rounding is None
+    assert plain.for_optimization() is plain
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 40, 40) * 255 - 128
+    with torch.no_grad():
+        exact, fast = rep(x), plain(x)
+    assert 0 < (exact - fast).abs().max().item() < 1e-2
+    hog = make_representation("hog")
+    assert hog.for_optimization() is hog
+
+
+def test_allocator_setting_is_applied_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = allocator.keep_freed_memory()
+    assert allocator.keep_freed_memory() is first  # idempotent
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.setenv("PREIMAGE_KEEP_MALLOC", "1")
+    assert allocator.keep_freed_memory() is False  # the user opted out
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.delenv("PREIMAGE_KEEP_MALLOC")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert allocator.keep_freed_memory() is False  # the user's own settings win
