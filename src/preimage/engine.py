@@ -243,12 +243,12 @@ def optimize_batch(
         prm.requires_grad_(False)
     phi = representation.for_optimization() if isinstance(representation, Representation) else representation
 
-    update = fused.compiled_update() if fused.wanted(compile) and tv.beta == 2.0 else None
+    compiled = fused.wanted(compile) and tv.beta == 2.0
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
     state.setdefault("mu", torch.zeros_like(x))
-    fused_constants = dict(alpha=bounded.alpha, B=bounded.B, B_plus=bounded.B_plus, V=tv.V,
-                           lambda_alpha=settings.lambda_alpha, lambda_tv=settings.lambda_tv, rho=settings.momentum)
+    constants = dict(alpha=bounded.alpha, B=bounded.B, B_plus=bounded.B_plus, V=tv.V,
+                     lambda_alpha=settings.lambda_alpha, lambda_tv=settings.lambda_tv, rho=settings.momentum)
 
     total = sum(s.iterations for s in stages)
     energy = torch.zeros(total, len(ENERGY_TERMS), N, device=device)
@@ -269,21 +269,18 @@ def optimize_batch(
             with torch.no_grad():
                 if x.grad is None:  # a loss that does not depend on x (C = 0)
                     x.grad = torch.zeros_like(x)
-                stepped = False
-                if update is not None:
-                    try:  # regularizers + Algorithm 1 + projection in one compiled kernel (fused.py)
-                        lr_now = torch.tensor(opt.param_groups[0]["lr"], device=device)  # a tensor: no recompile per stage
-                        e_range, e_tv = update(x.detach(), x.grad, state["G"], state["mu"], lr=lr_now, **fused_constants)
-                        stepped = True
-                    except Exception as err:  # noqa: BLE001 - any compiler failure: stay eager
-                        fused.disable(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
-                        update = None
-                if not stepped:
+                regs = None
+                if compiled:  # regularizers + Algorithm 1 + projection in one kernel (fused.py)
+                    regs = fused.step(x.detach(), x.grad, state["G"], state["mu"], opt.param_groups[0]["lr"], constants)
+                    compiled = regs is not None  # None: compilation failed, eager from now on
+                if regs is None:
                     e_range, _ = bounded.value_and_grad(x, into=x.grad, weight=settings.lambda_alpha)
                     e_tv, _ = tv.value_and_grad(x, into=x.grad, weight=settings.lambda_tv)
+                else:
+                    e_range, e_tv = regs
                 e_range, e_tv = settings.lambda_alpha * e_range, settings.lambda_tv * e_tv
                 e_total = e_loss.detach() + e_range + e_tv
-            if not stepped:
+            if regs is None:
                 opt.step()
             with torch.no_grad():
                 energy[t] = torch.stack([e_loss, e_range, e_tv, e_total]).detach().float()
@@ -304,5 +301,5 @@ def optimize_batch(
         energy={k: energy_cpu[:, i] for i, k in enumerate(ENERGY_TERMS)},
         jitter=T,
         lr=lr,
-        compiled=update is not None,
+        compiled=compiled,
     )

@@ -92,12 +92,26 @@ def fused_update(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, *, alpha: float
 
 def compiled_update() -> Update | None:
     """:func:`fused_update` compiled once per process, or None where compilation failed."""
-    global _compiled, _broken
+    global _compiled
     if _broken is not None:
         return None
     if _compiled is None:
         _compiled = torch.compile(fused_update, dynamic=None)
     return _compiled
+
+
+def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
+    """:func:`fused_update` through the compiled kernel; None, with one warning for the process,
+    if it cannot be compiled (nothing has been modified then)."""
+    update = compiled_update()
+    if update is None:
+        return None
+    try:  # lr as a tensor: a new stage's rate does not recompile
+        return update(x, grad, G, mu, lr=torch.tensor(lr, device=x.device), **constants)
+    except Exception as err:  # noqa: BLE001 - any compiler failure (no C++ compiler, no Triton, ...)
+        text = str(err).strip()
+        disable(f"{type(err).__name__}: {text.splitlines()[0] if text else ''}")
+        return None
 
 
 def disable(reason: str) -> None:
