@@ -70,6 +70,27 @@ def test_paper_C_schedule_of_section_5_2() -> None:
     assert spread(list("abcdef"), 3) == ["c", "d", "f"] and spread(list("ab"), 5) == ["a", "b"]
 
 
+def test_paper_C_of_other_networks_follows_the_receptive_field(tiny: Path) -> None:
+    """Networks without AlexNet's / VGG's layer names get C from their receptive field: the
+    thresholds reproduce the paper's AlexNet schedule, and C never grows with depth."""
+    from preimage.figures import RF_BOUNDS
+    from preimage.geometry import receptive_fields
+
+    alex = load_model("alexnet")
+    rf = {row[0]: row[2] for row in receptive_fields(alex.module, 227)}
+    for layer in ("conv1", "relu3", "conv4", "relu4", "conv5", "relu5", "pool5", "fc8"):
+        by_rf = next((C for b, C in zip(RF_BOUNDS, (300.0, 100.0, 20.0)) if rf[layer] <= b * 227), 1.0)
+        assert by_rf == paper_C(alex, layer), layer
+    loaded = load_model(tiny)
+    layers = select_layers(loaded, "main")
+    got = [paper_C(loaded, n) for n in layers]
+    assert got == sorted(got, reverse=True) and got[0] == 300.0 and got[-1] == 1.0, got
+    if (SHARED / "models" / "squeezenet-v1.0" / "deploy.prototxt").is_file():
+        squeeze = load_model(SHARED / "models" / "squeezenet-v1.0" / "deploy.prototxt")
+        assert [paper_C(squeeze, n) for n in ("fire7/concat", "fire8/concat", "fire9/concat", "pool_final")] == \
+            [300.0, 100.0, 20.0, 1.0]
+
+
 # ---------------------------------------------------------------------- Table 5 and consistency
 
 

@@ -67,23 +67,37 @@ def sweep(
 # ---------------------------------------------------------------- Figures 5-15 for any network
 
 
+RF_BOUNDS = (0.45, 0.6, 0.8)
+"""Receptive field / input side up to which other networks get C = 300, 100, 20 (AlexNet's relu3,
+relu4 and relu5 see 99, 131 and 163 of 227 pixels: 0.44, 0.58, 0.72; VGG-VD-16's relu4_3, relu5_1
+and relu5_3 92, 132 and 196 of 224: 0.41, 0.59, 0.88)."""
+
+
 def paper_C(loaded: LoadedModel, layer: str) -> float:
     """The data-term weight the paper uses for visualizing ``layer`` (section 5.2.1).
 
     AlexNet / CaffeNet / VGG-M: C = 300 up to relu3, 100 up to relu4, 20 up to relu5, 1 after;
-    VGG-VD-16: 300 up to conv4_3, 100 for conv5_1, 20 up to conv5_3, 1 after.  Other networks get
-    the same schedule by relative depth (the position of AlexNet's relu3 / relu4 / relu5).
+    VGG-VD-16: 300 up to relu4_3, 100 for conv5_1, 20 up to relu5_3, 1 after.  The rule behind
+    both is the receptive field (the wider a unit's view, the more invariant the code and the
+    more the image prior must fill in), so other networks get C by their layer's receptive
+    field relative to the input side (:data:`RF_BOUNDS`): SqueezeNet v1.0 gets 300 up to
+    fire7 (91 pixels), 100 for fire8 and pool8, 20 for fire9 and conv_final, 1 for pool_final.
     """
     layers = loaded.layers
     i = layers.index(layer)
     marks = {"vgg-vd-16": ("relu4_3", "relu5_1", "relu5_3")}.get(loaded.arch or "", ("relu3", "relu4", "relu5"))
     if all(m in layers for m in marks):
-        bounds = [layers.index(m) for m in marks]
-    else:
-        n = max(1, len(layers) - 1)
-        bounds = [round(f * n) for f in (9 / 19, 11 / 19, 13 / 19)]
-    for bound, C in zip(bounds, (300.0, 100.0, 20.0)):
-        if i <= bound:
+        for bound, C in zip((layers.index(m) for m in marks), (300.0, 100.0, 20.0)):
+            if i <= bound:
+                return C
+        return 1.0
+    from .geometry import receptive_fields
+
+    side = loaded.convention.input_size
+    side = min(side) if isinstance(side, (tuple, list)) else int(side)
+    rf = {row[0]: row[2] for row in receptive_fields(loaded.module, side)}[layer]
+    for bound, C in zip(RF_BOUNDS, (300.0, 100.0, 20.0)):
+        if rf <= bound * side:
             return C
     return 1.0
 
