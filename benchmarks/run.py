@@ -473,16 +473,10 @@ def evaluate_targets(records: Sequence[Record]) -> list[Record]:
 
 def write_json(path: Path, payload: Record) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from preimage.io import atomic_path
+
+    with atomic_path(path) as tmp:  # the usual file mode, not mkstemp's 0600
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _num(value: float | None, scale: float = 1.0, digits: int = 3, prefix: str = "") -> str:
