@@ -56,7 +56,8 @@ def test_select_layers_on_a_caffe_net(tiny: Path) -> None:
     assert select_layers(loaded, "pool1,ip2") == ["pool1", "ip2"]
     with pytest.raises(ValueError, match="no layer 'nope'"):
         select_layers(loaded, "conv1,nope")
-    assert filter_layers(loaded, select_layers(loaded, "main")) == ["conv1", "fire/concat"]
+    # a concatenation is shown through the convolution behind its first channels (linear units)
+    assert filter_layers(loaded, select_layers(loaded, "main")) == ["conv1", "fire/e1"]
 
 
 def test_paper_C_schedule_of_section_5_2() -> None:
@@ -68,6 +69,22 @@ def test_paper_C_schedule_of_section_5_2() -> None:
                                                     for k in ("conv", "relu")] + ["pool5", "fc6", "fc8"])
     assert [paper_C(vgg, n) for n in ("conv4_3", "relu4_3", "conv5_1", "conv5_3", "fc6")] == [300, 300, 100, 20, 1]
     assert spread(list("abcdef"), 3) == ["c", "d", "f"] and spread(list("ab"), 5) == ["a", "b"]
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "squeezenet-v1.0" / "squeezenet_v1.0.caffemodel").is_file(),
+                    reason="needs ../shared/models/squeezenet-v1.0 (real weights)")
+def test_filter_grid_units_are_never_dead() -> None:
+    """Fig. 11 on SqueezeNet maximizes fireN/conv1x1_2 before its ReLU: every unit moves above
+    zero (through the rectified concat, units that start inactive had no gradient and stayed
+    blank: 16 of 80 tiles)."""
+    from preimage.figures import filter_grid
+
+    loaded = load_model(SHARED / "models" / "squeezenet-v1.0" / "deploy.prototxt",
+                        SHARED / "models" / "squeezenet-v1.0" / "squeezenet_v1.0.caffemodel")
+    assert filter_layers(loaded, ["fire8/concat"]) == ["fire8/conv1x1_2"]
+    panel = filter_grid(loaded, ["fire8/conv1x1_2"], 4, {"fire8/conv1x1_2": torch.full((64,), 100.0)},
+                        Settings(iterations=30), precision="bf16")
+    assert all(t["activation"] > 0 for t in panel.tiles), panel.tiles
 
 
 def test_paper_C_of_other_networks_follows_the_receptive_field(tiny: Path) -> None:
@@ -163,8 +180,7 @@ def test_figures_command_writes_every_grid(tiny: Path, images: Path, tmp_path: P
     assert b[0] <= a[0] and b[1] <= a[1] and b[2] >= a[2] and b[3] >= a[3] and (b[2] - b[0]) > (a[2] - a[0])
     assert a[2] - a[0] + 1 == 5  # conv1: 5x5 kernel
     filters = json.loads((out / "fig11-filters.json").read_text())["tiles"]
-    assert {(t["layer"], t["unit"]) for t in filters} == {("conv1", 0), ("conv1", 1), ("fire/concat", 0),
-                                                           ("fire/concat", 1)}
+    assert {(t["layer"], t["unit"]) for t in filters} == {("conv1", 0), ("conv1", 1), ("fire/e1", 0), ("fire/e1", 1)}
     classes = json.loads((out / "fig13-classes.json").read_text())["tiles"]
     assert [(t["layer"], t["class"]) for t in classes] == [("ip2", 0), ("ip2", 3)]
     # figures already made are kept (an interrupted run continues)

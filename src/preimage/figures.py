@@ -112,11 +112,31 @@ def spatial_layers(loaded: LoadedModel, layers: Sequence[str], min_side: int = 1
 
 def filter_layers(loaded: LoadedModel, layers: Sequence[str]) -> list[str]:
     """The convolutional layers (Figs 11-12): convolutions and concatenations with a spatial
-    code larger than 1x1 (fully connected layers, ReLUs, pools and norms are left out)."""
+    code larger than 1x1 (fully connected layers, ReLUs, pools and norms are left out).
+
+    A concatenation of rectified convolutions (SqueezeNet's ``fireN/concat``) is replaced by the
+    convolution behind its first channels, before its ReLU (``fireN/conv1x1_2``): the same units,
+    but linear, as the paper's ``convN`` layers are -- a rectified unit that starts inactive has no
+    gradient, and its activation maximization would stay a blank image.
+    """
     modules = dict(loaded.module.named_modules())
-    keep = [n for n in layers
+    keep = [pre_relu_source(loaded, n) for n in layers
             if any(k in type(modules[loaded.module_name(n)]).__name__ for k in ("Conv", "Concat"))]
     return spatial_layers(loaded, keep, min_side=2)
+
+
+def pre_relu_source(loaded: LoadedModel, layer: str) -> str:
+    """For a Caffe ``Concat`` layer whose first input is a convolution's (in-place rectified) blob,
+    that convolution; else ``layer`` itself."""
+    graph = getattr(loaded.module, "layers", None)
+    if not graph or not all(hasattr(g, "bottoms") for g in graph):
+        return layer
+    by_name = {g.name: g for g in graph}
+    node = by_name.get(layer)
+    if node is None or node.type != "Concat" or not node.bottoms:
+        return layer
+    producers = [g for g in graph if node.bottoms[0] in g.tops and g.type == "Convolution"]
+    return producers[0].name if producers and producers[0].name in loaded.layers else layer
 
 
 def spread(layers: Sequence[str], k: int) -> list[str]:
