@@ -3,8 +3,10 @@ setting and DSIFT's plain-arithmetic optimization variant (issue 5)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +145,22 @@ def test_allocator_setting_is_applied_once(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("PREIMAGE_KEEP_MALLOC")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
     assert allocator.keep_freed_memory() is False  # the user's own settings win
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_cli_compile_flag(images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile`` reaches the engine (recorded in the sidecar); without it the run is eager."""
+    from click.testing import CliRunner
+
+    from preimage.cli import main
+
+    for flag, expected in ([], False), (["--compile"], True):
+        monkeypatch.setattr(fused, "_default", False)  # as in a fresh process without PREIMAGE_COMPILE
+        out = tmp_path / f"out{expected}"
+        r = CliRunner().invoke(main, ["invert", str(images / "coffee.png"), "--rep", "hog", "--size", "48",
+                                      "--iterations", "3", "--fine-iterations", "1", "--out", str(out), *flag],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        side = json.loads((out / "coffee.hog.invert.seed0.json").read_text())
+        assert side["config"]["compiled"] is expected

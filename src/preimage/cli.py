@@ -268,7 +268,8 @@ common_rep = [
                       "image and optimizer stay fp32)."),
 ]
 def _set_compile(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    fused.set_default(value)
+    if value:  # without the flag, PREIMAGE_COMPILE still decides
+        fused.set_default(True)
     return value
 
 
