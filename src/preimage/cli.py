@@ -841,6 +841,7 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
                 raise ImageError(f"labels file not found: {labels}")
             names = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
         _check_writable([out / "x.png"])
+        precision = resolve_precision(precision, device)
         settings = Settings(iterations=iterations, fine_iterations=fine_iterations)
         am_settings = settings.replace(C=1.0)  # section 6: C = 1 for activation maximization and caricatures
         conv = F.filter_layers(loaded, layers)
@@ -870,7 +871,7 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
                     progress.update(fig_task, advance=1, info=f"{png.name} kept")
                     continue
                 progress.update(fig_task, description=f"figure {w}")
-                common = dict(precision=resolve_precision(precision, device), device=device, callback=cb)
+                common = dict(precision=precision, device=device, callback=cb)
                 inv = dict(common, fixed_C=fixed_C)
                 if w == "5":
                     panel = F.layer_inversions(loaded, photos[:1], layers, settings, **inv)
@@ -888,7 +889,7 @@ def figures(images: tuple[Path, ...], model_spec: str, weights: Path | None, ima
                 else:
                     panel = F.caricature_grid(loaded, photos, F.spread(conv + [last], 6), am_settings, **common)
                 save_png(panel.image, png)
-                save_json({"figure": w, "model": loaded.name, "weights": loaded.source, "precision": resolve_precision(precision, device),
+                save_json({"figure": w, "model": loaded.name, "weights": loaded.source, "precision": precision,
                            "images": [str(p) for p in files], "tiles": panel.tiles}, png.with_suffix(".json"))
                 progress.update(fig_task, advance=1)
                 click.echo(f"figure {w} -> {png}")

@@ -91,11 +91,9 @@ def paper_C(loaded: LoadedModel, layer: str) -> float:
             if i <= bound:
                 return C
         return 1.0
-    from .geometry import receptive_fields
-
     side = loaded.convention.input_size
     side = min(side) if isinstance(side, (tuple, list)) else int(side)
-    rf = {row[0]: row[2] for row in receptive_fields(loaded.module, side)}[layer]
+    rf = loaded.geometry(layer).receptive_field
     for bound, C in zip(RF_BOUNDS, (300.0, 100.0, 20.0)):
         if rf <= bound * side:
             return C
