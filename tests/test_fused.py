@@ -101,6 +101,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
         raise RuntimeError("no compiler here\nlong traceback")
 
     monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_compiled_loss", broken)
     monkeypatch.setattr(fused, "_broken", None)
     rep, loss = _hog_problem()
     eager = optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(3)], compile=False)
@@ -111,6 +112,37 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # once per process only
         optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(1)], compile=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_kernel_is_the_eager_loss(dtype: torch.dtype) -> None:
+    """The one-pass loss kernel gives L2Loss.value_and_grad's values and gradient, in the code's
+    dtype and memory layout; compiled and uncompiled."""
+    torch.manual_seed(3)
+    target = torch.randn(3, 16, 9, 7).to(dtype)
+    loss = L2Loss(target)
+    code = torch.randn(3, 16, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    eager_values, eager_grad = loss.value_and_grad(code, weight=20.0)
+    plain = fused.squared_distance(code, loss._target_like(code), 20.0 / loss.norm2.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback
+        compiled = loss.value_and_grad(code, weight=20.0, compiled=True)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for values, grad in (plain, compiled):
+        assert values.dtype == torch.float32 and grad.dtype == dtype
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(values, eager_values, **tol)
+        torch.testing.assert_close(grad.float(), eager_grad.float(), **tol)
+
+
+def test_engine_takes_any_callable_loss() -> None:
+    """A loss without ``value_and_grad`` (a plain function) goes through autograd and gives the
+    closed-form path's trajectory."""
+    rep, loss = _hog_problem()
+    closed = optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(5)], compile=False)
+    plain = optimize(rep, lambda code: loss(code), (48, 48), [0, 1], PAPER, [Stage(5)], compile=False)
+    torch.testing.assert_close(plain.energy["loss"], closed.energy["loss"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(plain.x, closed.x, rtol=1e-4, atol=1e-3)
 
 
 def test_process_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,6 +115,48 @@ def test_inner_product_loss_eq4():
         InnerProductLoss(w, 0.0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_l2_loss_value_and_grad_equals_autograd(masked):
+    """The engine's closed-form loss gradient is autograd's, weighted by C."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 4, 3)
+    mask = (torch.rand(2, 5, 4, 3) > 0.5).float() if masked else None
+    loss = L2Loss(target, mask)
+    code = torch.randn(2, 5, 4, 3, dtype=torch.float64).float().requires_grad_(True)
+    (20.0 * loss(code)).sum().backward()
+    values, grad = loss.value_and_grad(code.detach(), weight=20.0)
+    torch.testing.assert_close(values, 20.0 * loss(code.detach()))
+    torch.testing.assert_close(grad, code.grad)
+
+
+def test_l2_loss_value_and_grad_keeps_a_bf16_channels_last_code_layout():
+    """A bf16 network's channels-last code gets a bf16 channels-last gradient (no layout copy
+    in the backward pass) with the fp32 values within bf16 rounding."""
+    torch.manual_seed(1)
+    target = torch.randn(2, 8, 6, 5)
+    loss = L2Loss(target.bfloat16())
+    code = torch.randn(2, 8, 6, 5).bfloat16().contiguous(memory_format=torch.channels_last)
+    values, grad = loss.value_and_grad(code, weight=3.0)
+    assert grad.dtype == torch.bfloat16 and grad.is_contiguous(memory_format=torch.channels_last)
+    ref = L2Loss(target.bfloat16().float())
+    torch.testing.assert_close(values, 3.0 * ref(code.float()), rtol=2e-2, atol=0)
+    diff = code.float() - target.bfloat16().float()
+    torch.testing.assert_close(grad.float(), 6.0 * diff / ref.norm2.view(-1, 1, 1, 1), rtol=2e-2, atol=1e-4)
+
+
+def test_inner_product_loss_value_and_grad_equals_autograd():
+    torch.manual_seed(2)
+    w = torch.zeros(3, 4, 2, 2)
+    w[0, 1, 0, 0] = w[1, 3, 1, 1] = 1.0
+    w[2] = torch.rand(4, 2, 2)
+    loss = InnerProductLoss(w, torch.tensor([2.0, 5.0, 0.5]))
+    code = torch.randn(3, 4, 2, 2, requires_grad=True)
+    (7.0 * loss(code)).sum().backward()
+    values, grad = loss.value_and_grad(code.detach(), weight=7.0)
+    torch.testing.assert_close(values, 7.0 * loss(code.detach()))
+    torch.testing.assert_close(grad, code.grad)
+
+
 def test_jitter_crop_per_element_offsets_and_gradient():
     canvas = torch.arange(2 * 1 * 4 * 5, dtype=torch.float64).view(2, 1, 4, 5).requires_grad_(True)
     offsets = torch.tensor([[0, 1], [1, 0]])

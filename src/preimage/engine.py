@@ -209,8 +209,8 @@ def optimize_batch(
         callback: called as ``callback(t, total, batch_mean_energies)`` every
             ``callback_every`` iterations and at the last one.
         compile: run the regularizers, Algorithm 1 and the projection as one kernel compiled
-            by ``torch.compile`` (:mod:`preimage.fused`; beta = 2 only, else ignored).  Same
-            results up to float rounding; pays off for long runs and on GPUs.  None: the
+            by ``torch.compile`` (:mod:`preimage.fused`; beta = 2 only, else ignored), and the
+            L2 loss's value and gradient as another.  Same results up to float rounding; pays off for long runs and on GPUs.  None: the
             process default (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``).
     """
     N, C = len(seeds), representation.in_channels
@@ -244,6 +244,8 @@ def optimize_batch(
     phi = representation.for_optimization() if isinstance(representation, Representation) else representation
 
     compiled = fused.wanted(compile) and tv.beta == 2.0
+    compile_loss = fused.wanted(compile)
+    value_and_grad = getattr(loss, "value_and_grad", None)
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
     state.setdefault("mu", torch.zeros_like(x))
@@ -264,8 +266,16 @@ def optimize_batch(
             opt.zero_grad(set_to_none=True)
             crop = jitter_crop(x, offsets, (H, W))
             code = phi(crop)
-            e_loss = settings.C * loss(code)
-            e_loss.sum().backward()  # the data term through Φ; the regularizers in closed form:
+            # the data term through Φ; the regularizers below in closed form
+            if value_and_grad is not None:  # the loss's gradient in closed form, then Φ's backward
+                with torch.no_grad():
+                    e_loss, g_code = value_and_grad(code.detach(), weight=settings.C, compiled=compile_loss)
+                if code.requires_grad:
+                    code.backward(g_code)
+                del g_code
+            else:  # any other callable: autograd
+                e_loss = settings.C * loss(code)
+                e_loss.sum().backward()
             with torch.no_grad():
                 if x.grad is None:  # a loss that does not depend on x (C = 0)
                     x.grad = torch.zeros_like(x)

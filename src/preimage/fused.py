@@ -1,4 +1,7 @@
-"""The image-side half of an engine step as one compiled kernel (issue 5, ``compile=True``).
+"""The engine step's own arithmetic as compiled kernels (issue 5, ``compile=True``).
+
+Two kernels: the image-side half of a step (:func:`fused_update`) and the inversion loss's value
+and gradient (:func:`squared_distance`).
 
 After the backward pass through Φ, every iteration adds the regularizers' gradients (eqs. 5-6
 and TV^beta), runs Algorithm 1 (lines 5-7) and projects onto the ``B+`` ball (line 8).  Eagerly
@@ -34,6 +37,7 @@ from torch import Tensor
 Update = Callable[..., tuple[Tensor, Tensor]]
 
 _compiled: Update | None = None
+_compiled_loss: Update | None = None
 _broken: str | None = None
 _default = os.environ.get("PREIMAGE_COMPILE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -111,6 +115,38 @@ def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: d
     try:  # lr as a tensor: a new stage's rate does not recompile
         return update(x, grad, G, mu, lr=torch.tensor(lr, device=x.device), **constants)
     except Exception as err:  # noqa: BLE001 - any compiler failure (no C++ compiler, no Triton, ...)
+        text = str(err).strip()
+        disable(f"{type(err).__name__}: {text.splitlines()[0] if text else ''}")
+        return None
+
+
+def squared_distance(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The L2 inversion loss, eq. (2), and its gradient in one pass over the code.
+
+    ``scale`` ``(N,)`` is ``C / ||Φ0||²``.  Returns ``scale * ||code - target||²`` per batch
+    element (accumulated in fp32) and ``2 * scale * (code - target)`` in the code's dtype.
+    Eagerly the same takes a subtraction, a product, a reduction and another product (four
+    passes over a code that can be 2-40 MB for first layers); compiled, one loop reads ``code``
+    and ``target`` once and writes the gradient once (measured: 0.30 against 0.63 ms at
+    SqueezeNet conv1 in bf16, batch 1; 2.0 against 7.3 ms at batch 8).
+    """
+    d = code.float() - target.float()
+    dims = tuple(range(1, d.dim()))
+    s = scale.view(-1, *([1] * (d.dim() - 1)))
+    return (d * d).sum(dim=dims) * scale, (d * (2.0 * s)).to(code.dtype)
+
+
+def loss_step(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`squared_distance` through its compiled kernel; None (after one warning for the
+    process) where compilation fails."""
+    global _compiled_loss
+    if _broken is not None:
+        return None
+    if _compiled_loss is None:
+        _compiled_loss = torch.compile(squared_distance, dynamic=None)
+    try:
+        return _compiled_loss(code, target, scale)
+    except Exception as err:  # noqa: BLE001 - any compiler failure, as in step()
         text = str(err).strip()
         disable(f"{type(err).__name__}: {text.splitlines()[0] if text else ''}")
         return None

@@ -81,6 +81,32 @@ class L2Loss:
         diff = (code.float() - self.target) * self.mask
         return _per_element_sum(diff.square()) / self.norm2
 
+    def value_and_grad(self, code: Tensor, weight: float = 1.0, compiled: bool = False) -> tuple[Tensor, Tensor]:
+        """``weight * loss`` per batch element and its gradient w.r.t. ``code`` (same dtype and
+        layout as ``code``), without autograd: the engine feeds the gradient to Φ's backward.
+
+        ``compiled`` uses :func:`preimage.fused.squared_distance`'s one-pass kernel (unmasked
+        loss; eager if compilation fails).
+        """
+        scale = weight / self.norm2.to(code.device, torch.float32)
+        if self.mask is None:
+            target = self._target_like(code)
+            if compiled:
+                from . import fused
+
+                out = fused.loss_step(code, target, scale)
+                if out is not None:
+                    return out
+            diff = code - target
+            rows = _rows(diff)
+            values = torch.linalg.vecdot(rows, rows).float() * scale
+            return values, diff.mul_((2 * scale).to(diff.dtype).view(-1, *([1] * (diff.dim() - 1))))
+        self.target = _layout_like(self.target, code)  # type: ignore[assignment]
+        self.mask = _layout_like(self.mask, code)
+        diff = (code.float() - self.target) * self.mask
+        s = scale.view(-1, *([1] * (diff.dim() - 1)))
+        return _per_element_sum(diff.square()) * scale, (diff * (2 * s)).to(code.dtype)
+
     def select(self, index: slice) -> "L2Loss":
         """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
         part = object.__new__(L2Loss)
@@ -159,6 +185,15 @@ class InnerProductLoss:
 
     def __call__(self, code: Tensor) -> Tensor:
         return -self.activation(code) / self.Z
+
+    def value_and_grad(self, code: Tensor, weight: float = 1.0, compiled: bool = False) -> tuple[Tensor, Tensor]:
+        """``weight * loss`` per batch element and its (constant) gradient ``-weight Φ0 / Z``
+        w.r.t. ``code``, in the code's dtype and layout; see :meth:`L2Loss.value_and_grad`."""
+        del compiled  # one product and a sum: nothing to fuse
+        scale = weight / self.Z.to(code.device)
+        values = -self.activation(code) * scale
+        s = scale.view(-1, *([1] * (code.dim() - 1)))
+        return values, (self.weights * -s).to(code.dtype)
 
     def select(self, index: slice) -> "InnerProductLoss":
         """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
