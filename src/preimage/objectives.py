@@ -192,8 +192,13 @@ class InnerProductLoss:
         del compiled  # one product and a sum: nothing to fuse
         scale = weight / self.Z.to(code.device)
         values = -self.activation(code) * scale
-        s = scale.view(-1, *([1] * (code.dim() - 1)))
-        return values, (self.weights * -s).to(code.dtype)
+        key = (weight, code.dtype, code.device, code.dim() == 4 and not code.is_contiguous())
+        cache = self.__dict__.setdefault("_grad_cache", {})
+        if key not in cache:  # constant over a run: formed once
+            s = scale.view(-1, *([1] * (code.dim() - 1)))
+            cache.clear()
+            cache[key] = (self.weights * -s).to(code.dtype)
+        return values, cache[key]
 
     def select(self, index: slice) -> "InnerProductLoss":
         """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
