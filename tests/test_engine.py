@@ -174,3 +174,22 @@ def test_chunked_optimization_equals_one_batch() -> None:
     assert auto_batch_size(rep, (24, 24), budget=3 * per) == 3
     assert auto_batch_size(rep, (24, 24), budget=1000 * per) == 16  # the CPU cap
     assert auto_batch_size(rep, (24, 24), budget=1) == 1
+
+
+def test_auto_batch_size_amortizes_the_weights_a_cut_reads() -> None:
+    """On CPU a weight-heavy cut (a big fully connected layer) gets a big batch, which reads its
+    weights once per step for many elements; a cut before that layer does not read them and
+    keeps the cache-sized batch."""
+    from torch import nn
+
+    from preimage.engine import auto_batch_size, element_bytes
+    from preimage.representations.cnn import ModuleCut
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.AdaptiveAvgPool2d(16), nn.Flatten(), nn.Linear(8 * 16 * 16, 8192))
+    conv = ModuleCut(net, "0", mean=(0, 0, 0), std=(1, 1, 1))
+    fc = ModuleCut(net, "3", mean=(0, 0, 0), std=(1, 1, 1))
+    budget = 1 << 40
+    per = element_bytes(conv, (224, 224))
+    assert auto_batch_size(conv, (224, 224), budget=budget) == (64 << 20) // per < 16
+    assert auto_batch_size(fc, (224, 224), budget=budget) == 16
+    assert auto_batch_size(fc, (224, 224), budget=3 * element_bytes(fc, (224, 224))) == 3  # memory first

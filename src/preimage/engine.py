@@ -74,23 +74,36 @@ def noise_init(shape: Sequence[int], seed: int, scale: float, generator: torch.G
     return x * (scale / q)
 
 
-def element_bytes(representation: Representation, size: tuple[int, int], device: torch.device | str = "cpu") -> int:
-    """Memory one batch element needs in a step: what Φ saves for its backward pass on a 1-image
-    probe (weights excluded), its code twice, and ~40 image-sized buffers (canvas, gradient,
-    Algorithm 1's state, regularizer temporaries)."""
-    weights = {p.data_ptr() for p in representation.parameters()} | {b.data_ptr() for b in representation.buffers()}
-    saved = 0
+IMAGE_BUFFERS = 40  # image-sized fp32 buffers a step may hold per element (see element_bytes)
+
+
+def _probe(representation: Representation, size: tuple[int, int], device: torch.device | str) -> tuple[int, int]:
+    """``(bytes per element, weight bytes per step)`` of a step, from one 1-image forward pass:
+    what Φ saves for its backward pass (activations; the weights it saves are the ones a step
+    reads), its code twice, and :data:`IMAGE_BUFFERS` image-sized buffers."""
+    params = {t.data_ptr(): t.numel() * t.element_size()
+              for t in [*representation.parameters(), *representation.buffers()]}
+    saved, used = 0, {}
 
     def pack(t: Tensor) -> Tensor:
         nonlocal saved
-        if t.data_ptr() not in weights:
+        if t.data_ptr() in params:
+            used[t.data_ptr()] = params[t.data_ptr()]
+        else:
             saved += t.numel() * t.element_size()
         return t
 
     x = torch.zeros(1, representation.in_channels, *size, device=device, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = representation(x)
-    return int(saved + 2 * out.numel() * out.element_size() + 40 * x.numel() * 4)
+    return int(saved + 2 * out.numel() * out.element_size() + IMAGE_BUFFERS * x.numel() * 4), sum(used.values())
+
+
+def element_bytes(representation: Representation, size: tuple[int, int], device: torch.device | str = "cpu") -> int:
+    """Memory one batch element needs in a step: what Φ saves for its backward pass on a 1-image
+    probe (weights excluded), its code twice, and ~40 image-sized buffers (canvas, gradient,
+    Algorithm 1's state, regularizer temporaries)."""
+    return _probe(representation, size, device)[0]
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int:
@@ -114,19 +127,21 @@ def auto_batch_size(representation: Representation, size: tuple[int, int], devic
 
     CUDA: as many as fit in 60% of the free memory, at most ``cap`` (256).  CPU: as many as fit
     in half the free memory, at most ``cap`` (16), and -- because on CPU bigger batches only pay
-    while the working set stays near the caches (benchmarks/: VGG-VD-16 conv3_3 runs 1.5x
-    slower per image at batch 16 than at batch 1, fc8 3x faster) -- about 64 MB of activations
-    per batch, or enough elements to amortize reading the weights once per step, whichever is
-    larger.
+    while the working set stays near the caches (benchmarks/: SqueezeNet conv1 in bf16 takes
+    3.0 ms per image and step at batch 4, 3.5 at batch 16, its loss alone 4x longer per image
+    at batch 16 than at 4) -- about 64 MB per batch, or, for weight-heavy cuts, as many
+    elements as it takes for the activations to outweigh twice the weights read once per step
+    (AlexNet fc8 in bf16: 51 s per image at batch 1, 4.2 s at batch 16).
     """
     dev = torch.device(device)
-    per = max(1, element_bytes(representation, size, dev))
+    per, weights = _probe(representation, size, dev)
+    per = max(1, per)
     budget = budget if budget is not None else int(available_bytes(dev) * (0.6 if dev.type == "cuda" else 0.5))
     fits = budget // per
     if dev.type == "cuda":
         return max(1, min(cap if cap is not None else 256, fits))
-    weights = sum(p.numel() * p.element_size() for p in representation.parameters())
-    useful = max((64 << 20) // per, weights // per, 1)
+    activations = max(1, per - IMAGE_BUFFERS * representation.in_channels * size[0] * size[1] * 4)
+    useful = max((64 << 20) // per, -(-2 * weights // activations), 1)
     return max(1, min(cap if cap is not None else 16, fits, useful))
 
 
