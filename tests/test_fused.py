@@ -196,3 +196,26 @@ def test_cli_compile_flag(images, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert r.exit_code == 0, r.output
         side = json.loads((out / "coffee.hog.invert.seed0.json").read_text())
         assert side["config"]["compiled"] is expected
+
+
+def test_long_commands_compile_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """table4 / table5 / figures turn the compiled step on unless --no-compile or
+    PREIMAGE_COMPILE=0 says otherwise; the short commands keep it off."""
+    from preimage import cli
+
+    commands = {name: cli.main.commands[name] for name in ("table4", "table5", "figures", "invert")}
+    for name in ("table4", "table5", "figures"):
+        assert any("--no-compile" in p.secondary_opts for p in commands[name].params), name
+    assert not any("--no-compile" in p.secondary_opts for p in commands["invert"].params)
+    for env, flag, expected in ((None, None, True), ("0", None, False), ("1", None, True),
+                                (None, False, False), ("0", True, True)):
+        monkeypatch.setattr(fused, "_default", None)
+        if env is None:
+            monkeypatch.delenv("PREIMAGE_COMPILE", raising=False)
+        else:
+            monkeypatch.setenv("PREIMAGE_COMPILE", env)
+        assert cli._set_compile_long(None, None, flag) is expected  # type: ignore[arg-type]
+        assert fused.wanted(None) is expected
+    monkeypatch.setattr(fused, "_default", None)
+    monkeypatch.setenv("PREIMAGE_COMPILE", "0")
+    assert fused.wanted(None) is False

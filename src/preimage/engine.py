@@ -213,7 +213,10 @@ def optimize_batch(
 
     Args:
         representation: Φ; evaluated on crops of shape ``(N, in_channels, *size)``.
-        loss: maps codes to per-element losses ``(N,)`` (eqs. 2-4).
+        loss: maps codes to per-element losses ``(N,)`` (eqs. 2-4).  A loss with a
+            ``value_and_grad(code, weight=, compiled=)`` method (:class:`~preimage.objectives.L2Loss`,
+            :class:`~preimage.objectives.InnerProductLoss`) gives its gradient in closed form,
+            which is fed to Φ's backward pass; any other callable is differentiated by autograd.
         size: ``(H, W)`` of the images sought.
         seeds: one seed per batch element: its noise start and its jitter shifts.
         settings: the paper's constants (:mod:`preimage.defaults`).

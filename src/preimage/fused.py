@@ -39,7 +39,13 @@ Update = Callable[..., tuple[Tensor, Tensor]]
 _compiled: Update | None = None
 _compiled_loss: Update | None = None
 _broken: str | None = None
-_default = os.environ.get("PREIMAGE_COMPILE", "").strip().lower() not in ("", "0", "false", "no", "off")
+_default: bool | None = None  # set_default's value; None: PREIMAGE_COMPILE decides
+
+
+def environment() -> bool | None:
+    """What ``PREIMAGE_COMPILE`` says: True / False, or None where it is unset or empty."""
+    value = os.environ.get("PREIMAGE_COMPILE", "").strip().lower()
+    return None if value == "" else value not in ("0", "false", "no", "off")
 
 
 def set_default(on: bool) -> None:
@@ -49,8 +55,11 @@ def set_default(on: bool) -> None:
 
 
 def wanted(compile: bool | None) -> bool:
-    """``compile``, or the process default when it is None."""
-    return _default if compile is None else bool(compile)
+    """``compile``, or the process default when it is None: :func:`set_default`'s value, else
+    ``PREIMAGE_COMPILE``, else off."""
+    if compile is not None:
+        return bool(compile)
+    return _default if _default is not None else bool(environment())
 
 
 def active() -> bool:
