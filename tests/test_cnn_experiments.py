@@ -132,6 +132,20 @@ def test_consistency_is_the_share_of_agreeing_top1(images: Path, tmp_path: Path)
     assert again["consistency"] == 0.0 and calls["n"] == 2
 
 
+def test_evaluate_folder_lets_the_engine_choose_its_batch(images: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batch_size`` is what is inverted and saved together; the engine optimizes each such
+    chunk in its own (cache-sized) batches, recorded in the sidecars."""
+    from preimage import engine
+
+    rep = ModuleCut(tiny_cnn(), "1", mean=(0, 0, 0), std=(1, 1, 1))
+    files = sorted(images.iterdir())[:3]
+    monkeypatch.setattr(engine, "auto_batch_size", lambda *args, **kwargs: 2)
+    evaluate_folder(rep, files, tmp_path, Settings(iterations=2, fine_iterations=0), size=32, batch_size=3)
+    config = json.loads((tmp_path / f"{files[0].stem}.json").read_text())["config"]
+    assert config["batch_size"] == 3 and config["engine_batch_size"] == 2
+
+
 def test_table5_command_writes_table_plot_and_resumes(tiny: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "t5"
     args = ["table5", "--model", tiny, "--images", images, "--layers", "conv1,ip2", "--C", "1,100", *FAST,

@@ -179,17 +179,22 @@ def test_chunked_optimization_equals_one_batch() -> None:
 def test_auto_batch_size_amortizes_the_weights_a_cut_reads() -> None:
     """On CPU a weight-heavy cut (a big fully connected layer) gets a big batch, which reads its
     weights once per step for many elements; a cut before that layer does not read them and
-    keeps the cache-sized batch."""
+    keeps the batch whose largest activation stays cache-sized."""
     from torch import nn
 
-    from preimage.engine import auto_batch_size, element_bytes
+    from preimage.engine import CPU_ACTIVATION, _probe, auto_batch_size, element_bytes
     from preimage.representations.cnn import ModuleCut
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.AdaptiveAvgPool2d(16), nn.Flatten(), nn.Linear(8 * 16 * 16, 8192))
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.AdaptiveAvgPool2d(16), nn.Flatten(), nn.Linear(64 * 16 * 16, 2048))
     conv = ModuleCut(net, "0", mean=(0, 0, 0), std=(1, 1, 1))
     fc = ModuleCut(net, "3", mean=(0, 0, 0), std=(1, 1, 1))
     budget = 1 << 40
-    per = element_bytes(conv, (224, 224))
-    assert auto_batch_size(conv, (224, 224), budget=budget) == (64 << 20) // per < 16
+    largest = _probe(conv, (224, 224), "cpu")[2]
+    assert largest == 64 * 224 * 224 * 4  # its code, the biggest activation
+    assert auto_batch_size(conv, (224, 224), budget=budget) == CPU_ACTIVATION // largest < 16
     assert auto_batch_size(fc, (224, 224), budget=budget) == 16
+    # small activations: a big batch, however many image-sized buffers an element needs
+    small = ModuleCut(nn.Sequential(nn.Conv2d(3, 8, 3, stride=4)), "0", mean=(0, 0, 0), std=(1, 1, 1))
+    assert element_bytes(small, (224, 224)) > CPU_ACTIVATION
+    assert auto_batch_size(small, (224, 224), budget=budget) == 16
     assert auto_batch_size(fc, (224, 224), budget=3 * element_bytes(fc, (224, 224))) == 3  # memory first

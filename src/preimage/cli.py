@@ -273,6 +273,8 @@ def _set_compile(ctx: click.Context, param: click.Parameter, value: bool) -> boo
     return value
 
 
+BATCH_HELP = ("Images inverted and saved together (resume granularity); the engine may optimize them in "
+              "smaller batches that stay in the CPU caches.")
 compile_opt = click.option(
     "--compile", is_flag=True, expose_value=False, callback=_set_compile,
     help="Fuse each step's image-side work and its loss into torch.compile'd kernels: faster for long "
@@ -566,7 +568,8 @@ def features(image: Path, rep: str, cell_size: int, bin_size: int | None, step: 
 @click.option("--cell-size", type=click.IntRange(2, 64), default=8, show_default=True)
 @click.option("--exact-gradient", is_flag=True, help="Plain HOG: the paper's exact gradient, no HOGb surrogate.")
 @_apply(common_opt)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images optimized together.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help=BATCH_HELP)
 @click.option("--resume", is_flag=True, help="Reuse reconstructions already in the output folder.")
 @click.option("--method", type=click.Choice(["optimization", "hoggle"]), default="optimization", show_default=True,
               help="hoggle: the learned baseline (needs --hoggle-model; error measured with plain HOG).")
@@ -677,7 +680,8 @@ def sweep(image: Path, rep: str | None, model_spec: str | None, module: str | No
               help="A trained HOGgle dictionary; default: OUT/hoggle.npz, trained if missing on the images after --limit.")
 @click.option("--train-limit", type=click.IntRange(1), default=400, show_default=True,
               help="Images (after the evaluated ones) to train HOGgle on when no model is given.")
-@click.option("--batch-size", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=20, show_default=True,
+              help=BATCH_HELP)
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @long_compile_opt
@@ -742,7 +746,8 @@ def table4(images_dir: Path, limit: int, size: int, C: float, iterations: int, f
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=DEFAULT_PRECISION, show_default=True,
               help="Arithmetic of the network during the optimization (errors are measured in fp32).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help=BATCH_HELP)
 @click.option("--device", default="cpu", show_default=True, callback=_valid_device)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--report", is_flag=True, help="Compute nothing: write the table from the cells already finished.")

@@ -54,6 +54,7 @@ class Trace:
     jitter: int  # T actually used
     lr: float  # the step actually used: H * W * eta0
     compiled: bool = False  # whether the fused compiled step ran (preimage.fused)
+    batch_size: int = 0  # elements optimized together (optimize's chunk size)
 
 
 def representation_device(representation: Representation) -> torch.device:
@@ -75,28 +76,31 @@ def noise_init(shape: Sequence[int], seed: int, scale: float, generator: torch.G
 
 
 IMAGE_BUFFERS = 40  # image-sized fp32 buffers a step may hold per element (see element_bytes)
+CPU_ACTIVATION = 20 << 20  # bytes of a CPU batch's largest activation (see auto_batch_size)
 
 
-def _probe(representation: Representation, size: tuple[int, int], device: torch.device | str) -> tuple[int, int]:
-    """``(bytes per element, weight bytes per step)`` of a step, from one 1-image forward pass:
-    what Φ saves for its backward pass (activations; the weights it saves are the ones a step
-    reads), its code twice, and :data:`IMAGE_BUFFERS` image-sized buffers."""
+def _probe(representation: Representation, size: tuple[int, int], device: torch.device | str) -> tuple[int, int, int]:
+    """``(bytes per element, weight bytes per step, largest activation)`` of a step, from one
+    1-image forward pass: what Φ saves for its backward pass (activations; the weights it saves
+    are the ones a step reads), its code twice, and :data:`IMAGE_BUFFERS` image-sized buffers."""
     params = {t.data_ptr(): t.numel() * t.element_size()
               for t in [*representation.parameters(), *representation.buffers()]}
-    saved, used = 0, {}
+    saved, largest, used = 0, 0, {}
 
     def pack(t: Tensor) -> Tensor:
-        nonlocal saved
+        nonlocal saved, largest
         if t.data_ptr() in params:
             used[t.data_ptr()] = params[t.data_ptr()]
         else:
             saved += t.numel() * t.element_size()
+            largest = max(largest, t.numel() * t.element_size())
         return t
 
     x = torch.zeros(1, representation.in_channels, *size, device=device, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = representation(x)
-    return int(saved + 2 * out.numel() * out.element_size() + IMAGE_BUFFERS * x.numel() * 4), sum(used.values())
+    code = out.numel() * out.element_size()
+    return (int(saved + 2 * code + IMAGE_BUFFERS * x.numel() * 4), sum(used.values()), max(largest, code))
 
 
 def element_bytes(representation: Representation, size: tuple[int, int], device: torch.device | str = "cpu") -> int:
@@ -127,21 +131,23 @@ def auto_batch_size(representation: Representation, size: tuple[int, int], devic
 
     CUDA: as many as fit in 60% of the free memory, at most ``cap`` (256).  CPU: as many as fit
     in half the free memory, at most ``cap`` (16), and -- because on CPU bigger batches only pay
-    while the working set stays near the caches (benchmarks/: SqueezeNet conv1 in bf16 takes
-    3.0 ms per image and step at batch 4, 3.5 at batch 16, its loss alone 4x longer per image
-    at batch 16 than at 4) -- about 64 MB per batch, or, for weight-heavy cuts, as many
-    elements as it takes for the activations to outweigh twice the weights read once per step
-    (AlexNet fc8 in bf16: 51 s per image at batch 1, 4.2 s at batch 16).
+    while the largest activation of the batch stays near the caches -- up to :data:`CPU_ACTIVATION`
+    bytes of the largest activation per batch, or, for weight-heavy cuts, as many elements as
+    it takes for the activations to outweigh twice the weights read once per step.  Measured
+    (benchmarks/README.md, bf16, engine step per image): batch 1 is 20-30 % slower than this
+    choice on SqueezeNet fire5 / pool_final, AlexNet conv3 and VGG-VD-16 conv3_3; batch 16 is
+    30-65 % slower on VGG-M conv3 and VGG-VD-16 conv1_1 / conv3_3; AlexNet fc8 runs 12x faster
+    at batch 16 than at 1.
     """
     dev = torch.device(device)
-    per, weights = _probe(representation, size, dev)
+    per, weights, largest = _probe(representation, size, dev)
     per = max(1, per)
     budget = budget if budget is not None else int(available_bytes(dev) * (0.6 if dev.type == "cuda" else 0.5))
     fits = budget // per
     if dev.type == "cuda":
         return max(1, min(cap if cap is not None else 256, fits))
     activations = max(1, per - IMAGE_BUFFERS * representation.in_channels * size[0] * size[1] * 4)
-    useful = max((64 << 20) // per, -(-2 * weights // activations), 1)
+    useful = max(CPU_ACTIVATION // max(1, largest), -(-2 * weights // activations), 1)
     return max(1, min(cap if cap is not None else 16, fits, useful))
 
 
@@ -192,6 +198,7 @@ def optimize(
         jitter=traces[0].jitter,
         lr=traces[0].lr,
         compiled=all(tr.compiled for tr in traces),
+        batch_size=batch_size,
     )
 
 
@@ -330,4 +337,5 @@ def optimize_batch(
         jitter=T,
         lr=lr,
         compiled=compiled,
+        batch_size=N,
     )

@@ -61,7 +61,10 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Invert every image with the Table 4 protocol; write PNGs, sidecars and return the summary.
 
-    With ``resume``, images whose sidecar already exists in ``out`` are read back, not redone.
+    Images are inverted and saved ``batch_size`` at a time; the engine optimizes each such chunk
+    in batches of its own choice (:func:`preimage.engine.auto_batch_size`, recorded in the
+    sidecars as ``engine_batch_size``).  With ``resume``, images whose sidecar already exists in
+    ``out`` are read back, not redone.
     With ``hoggle`` (a trained :class:`preimage.hoggle.HoggleModel`) the images are inverted by
     the HOGgle baseline instead of the optimization, and the error is measured with
     ``representation`` (plain HOG, as in the paper's Table 4).
@@ -100,8 +103,9 @@ def evaluate_folder(
         batch = torch.stack([photos[p] for p in chunk])
         t0 = time.perf_counter()
         if hoggle is None:
-            result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step,
-                            batch_size=len(chunk))
+            # batch_size: the engine's choice within the chunk (auto_batch_size: on CPU, batches
+            # whose activations stay near the caches; on CUDA, the whole chunk if it fits)
+            result = invert(representation, batch, seeds=[seed], settings=settings, device=device, callback=on_step)
             pictures, errs = result.images, result.error
             if judge is not representation:
                 jdev = representation_device(judge)

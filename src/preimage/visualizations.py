@@ -79,6 +79,7 @@ def _config(mode: str, rep: Representation, settings: Settings, trace: Trace, st
         "jitter": trace.jitter,
         "step_size": trace.lr,
         "compiled": trace.compiled,
+        "engine_batch_size": trace.batch_size,
         "stages": [asdict(s) for s in stages],
         "device": str(device),
         "versions": {"preimage": __version__, "torch": torch.__version__, "python": platform.python_version()},
