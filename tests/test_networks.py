@@ -561,3 +561,23 @@ def test_caffe_prototxt_through_the_resolver() -> None:
         expected = model.module.features(x, layers=["fire9/concat"])["fire9/concat"]
         _close(rep(rep.preprocess(photo)), expected, "fire9/concat")
     assert load_model(prototxt).pretrained is False  # the architecture alone
+
+
+@pytest.mark.parametrize("std", [(1.0, 1.0, 1.0), (58.4, 57.1, 57.4)])
+def test_module_cut_never_hands_the_model_the_callers_tensor(std: tuple[float, float, float]) -> None:
+    """A model whose first layer works in place (an ``nn.ReLU(inplace=True)``) leaves the
+    caller's input alone, and the engine's canvas too (its crop is a view of a leaf that needs
+    gradients: an in-place op on it would be an autograd error) -- with or without ``std``."""
+    from preimage.defaults import Settings
+    from preimage.engine import Stage, optimize
+    from preimage.objectives import L2Loss
+
+    rep = ModuleCut(nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3)), "1", mean=(0, 0, 0), std=std)
+    x = torch.randn(2, 3, 32, 32) * 50
+    kept = x.clone()
+    with torch.no_grad():
+        code = rep(x)
+    assert torch.equal(x, kept)
+    trace = optimize(rep, L2Loss(code), (32, 32), [0, 1], Settings(iterations=3, fine_iterations=0, jitter=3),
+                     [Stage(3)])
+    assert torch.isfinite(trace.x).all()

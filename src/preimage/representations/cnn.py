@@ -113,10 +113,13 @@ class ModuleCut(Representation):
         converting it here.  Gradients flow back to fp32 ``x``.
         """
         self.check_input(x)
+        given = x
         if bool((self.std != 1).any()):  # Caffe models take 0..255 units as they are
             x = x / self.std.to(x).view(1, -1, 1, 1)
         layout = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
         x = x.to(self.compute_dtype, memory_format=layout)  # one copy for both (none if unchanged)
+        if x is given:  # the model gets its own tensor: an in-place first layer must not touch the caller's
+            x = x.clone()
         return self._run(x)
 
     def _run(self, x: Tensor) -> Tensor:
