@@ -235,8 +235,9 @@ def optimize_batch(
             ``callback_every`` iterations and at the last one.
         compile: run the regularizers, Algorithm 1 and the projection as one kernel compiled
             by ``torch.compile`` (:mod:`preimage.fused`; beta = 2 only, else ignored), and the
-            L2 loss's value and gradient as another.  Same results up to float rounding; pays off for long runs and on GPUs.  None: the
-            process default (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``).
+            L2 loss's value and gradient as another.  Same results up to float rounding; pays
+            off for long runs and on GPUs.  None: the process default
+            (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``).
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
