@@ -100,8 +100,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no compiler here\nlong traceback")
 
-    monkeypatch.setattr(fused, "_compiled", broken)
-    monkeypatch.setattr(fused, "_compiled_loss", broken)
+    monkeypatch.setattr(fused, "_kernels", {fused.fused_update: broken, fused.squared_distance: broken})
     monkeypatch.setattr(fused, "_broken", None)
     rep, loss = _hog_problem()
     eager = optimize(rep, loss, (48, 48), [0, 1], PAPER, [Stage(3)], compile=False)

@@ -79,10 +79,15 @@ IMAGE_BUFFERS = 40  # image-sized fp32 buffers a step may hold per element (see 
 CPU_ACTIVATION = 20 << 20  # bytes of a CPU batch's largest activation (see auto_batch_size)
 
 
+def _image_bytes(representation: Representation, size: tuple[int, int]) -> int:
+    """The :data:`IMAGE_BUFFERS` image-sized fp32 buffers of one element."""
+    return IMAGE_BUFFERS * representation.in_channels * size[0] * size[1] * 4
+
+
 def _probe(representation: Representation, size: tuple[int, int], device: torch.device | str) -> tuple[int, int, int]:
-    """``(bytes per element, weight bytes per step, largest activation)`` of a step, from one
-    1-image forward pass: what Φ saves for its backward pass (activations; the weights it saves
-    are the ones a step reads), its code twice, and :data:`IMAGE_BUFFERS` image-sized buffers."""
+    """``(activation bytes, weight bytes, largest activation)`` of one element's step, from a
+    1-image forward pass: what Φ saves for its backward pass plus its code twice (the weights
+    it saves are the ones a step reads)."""
     params = {t.data_ptr(): t.numel() * t.element_size()
               for t in [*representation.parameters(), *representation.buffers()]}
     saved, largest, used = 0, 0, {}
@@ -100,14 +105,14 @@ def _probe(representation: Representation, size: tuple[int, int], device: torch.
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = representation(x)
     code = out.numel() * out.element_size()
-    return (int(saved + 2 * code + IMAGE_BUFFERS * x.numel() * 4), sum(used.values()), max(largest, code))
+    return saved + 2 * code, sum(used.values()), max(largest, code)
 
 
 def element_bytes(representation: Representation, size: tuple[int, int], device: torch.device | str = "cpu") -> int:
     """Memory one batch element needs in a step: what Φ saves for its backward pass on a 1-image
     probe (weights excluded), its code twice, and ~40 image-sized buffers (canvas, gradient,
     Algorithm 1's state, regularizer temporaries)."""
-    return _probe(representation, size, device)[0]
+    return _probe(representation, size, device)[0] + _image_bytes(representation, size)
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int:
@@ -140,14 +145,13 @@ def auto_batch_size(representation: Representation, size: tuple[int, int], devic
     at batch 16 than at 1.
     """
     dev = torch.device(device)
-    per, weights, largest = _probe(representation, size, dev)
-    per = max(1, per)
+    activations, weights, largest = _probe(representation, size, dev)
+    per = max(1, activations + _image_bytes(representation, size))
     budget = budget if budget is not None else int(available_bytes(dev) * (0.6 if dev.type == "cuda" else 0.5))
     fits = budget // per
     if dev.type == "cuda":
         return max(1, min(cap if cap is not None else 256, fits))
-    activations = max(1, per - IMAGE_BUFFERS * representation.in_channels * size[0] * size[1] * 4)
-    useful = max(CPU_ACTIVATION // max(1, largest), -(-2 * weights // activations), 1)
+    useful = max(CPU_ACTIVATION // max(1, largest), -(-2 * weights // max(1, activations)), 1)
     return max(1, min(cap if cap is not None else 16, fits, useful))
 
 
@@ -269,8 +273,8 @@ def optimize_batch(
         prm.requires_grad_(False)
     phi = representation.for_optimization() if isinstance(representation, Representation) else representation
 
-    compiled = fused.wanted(compile) and tv.beta == 2.0
     compile_loss = fused.wanted(compile)
+    compiled = compile_loss and tv.beta == 2.0
     value_and_grad = getattr(loss, "value_and_grad", None)
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))

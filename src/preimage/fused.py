@@ -36,8 +36,7 @@ from torch import Tensor
 
 Update = Callable[..., tuple[Tensor, Tensor]]
 
-_compiled: Update | None = None
-_compiled_loss: Update | None = None
+_kernels: dict[Update, Update] = {}  # function -> its torch.compile'd kernel
 _broken: str | None = None
 _default: bool | None = None  # set_default's value; None: PREIMAGE_COMPILE decides
 
@@ -105,28 +104,26 @@ def fused_update(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, *, alpha: float
     return e_range, e_tv
 
 
-def compiled_update() -> Update | None:
-    """:func:`fused_update` compiled once per process, or None where compilation failed."""
-    global _compiled
+def _run(fn: Update, *args: object, **kwargs: object) -> tuple[Tensor, Tensor] | None:
+    """``fn`` through its kernel, compiled on first use; None, with one warning for the process,
+    once compilation has failed (nothing has been modified then)."""
     if _broken is not None:
         return None
-    if _compiled is None:
-        _compiled = torch.compile(fused_update, dynamic=None)
-    return _compiled
-
-
-def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
-    """:func:`fused_update` through the compiled kernel; None, with one warning for the process,
-    if it cannot be compiled (nothing has been modified then)."""
-    update = compiled_update()
-    if update is None:
-        return None
-    try:  # lr as a tensor: a new stage's rate does not recompile
-        return update(x, grad, G, mu, lr=torch.tensor(lr, device=x.device), **constants)
+    kernel = _kernels.get(fn)
+    if kernel is None:
+        kernel = _kernels[fn] = torch.compile(fn, dynamic=None)
+    try:
+        return kernel(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - any compiler failure (no C++ compiler, no Triton, ...)
         text = str(err).strip()
         disable(f"{type(err).__name__}: {text.splitlines()[0] if text else ''}")
         return None
+
+
+def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
+    """:func:`fused_update` through the compiled kernel (see :func:`_run`); ``lr`` goes in as a
+    tensor, so that a new stage's rate does not recompile."""
+    return _run(fused_update, x, grad, G, mu, lr=torch.tensor(lr, device=x.device), **constants)
 
 
 def squared_distance(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,19 +143,8 @@ def squared_distance(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tenso
 
 
 def loss_step(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor] | None:
-    """:func:`squared_distance` through its compiled kernel; None (after one warning for the
-    process) where compilation fails."""
-    global _compiled_loss
-    if _broken is not None:
-        return None
-    if _compiled_loss is None:
-        _compiled_loss = torch.compile(squared_distance, dynamic=None)
-    try:
-        return _compiled_loss(code, target, scale)
-    except Exception as err:  # noqa: BLE001 - any compiler failure, as in step()
-        text = str(err).strip()
-        disable(f"{type(err).__name__}: {text.splitlines()[0] if text else ''}")
-        return None
+    """:func:`squared_distance` through its compiled kernel (see :func:`_run`)."""
+    return _run(squared_distance, code, target, scale)
 
 
 def disable(reason: str) -> None:

@@ -26,6 +26,11 @@ def _per_element_sum(t: Tensor) -> Tensor:
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
 
 
+def _per_element(v: Tensor, like: Tensor) -> Tensor:
+    """A per-element ``(N,)`` vector shaped to broadcast against the batch ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
 def _layout_like(t: Tensor | None, code: Tensor) -> Tensor | None:
     """``t`` in ``code``'s memory format, so that elementwise ops with a channels-last code (a
     bf16 network's output) run as one pass instead of a strided gather."""
@@ -76,10 +81,13 @@ class L2Loss:
     def __call__(self, code: Tensor) -> Tensor:
         if self.mask is None:
             return _SquaredDistance.apply(code, self._target_like(code)) / self.norm2
+        return _per_element_sum(self._masked_diff(code).square()) / self.norm2
+
+    def _masked_diff(self, code: Tensor) -> Tensor:
+        """``(Φ(x) - Φ0) ⊙ M`` in fp32, the mask and target in the code's layout."""
         self.target = _layout_like(self.target, code)  # type: ignore[assignment]
         self.mask = _layout_like(self.mask, code)
-        diff = (code.float() - self.target) * self.mask
-        return _per_element_sum(diff.square()) / self.norm2
+        return (code.float() - self.target) * self.mask
 
     def value_and_grad(self, code: Tensor, weight: float = 1.0, compiled: bool = False) -> tuple[Tensor, Tensor]:
         """``weight * loss`` per batch element and its gradient w.r.t. ``code`` (same dtype and
@@ -100,12 +108,9 @@ class L2Loss:
             diff = code - target
             rows = _rows(diff)
             values = torch.linalg.vecdot(rows, rows).float() * scale
-            return values, diff.mul_((2 * scale).to(diff.dtype).view(-1, *([1] * (diff.dim() - 1))))
-        self.target = _layout_like(self.target, code)  # type: ignore[assignment]
-        self.mask = _layout_like(self.mask, code)
-        diff = (code.float() - self.target) * self.mask
-        s = scale.view(-1, *([1] * (diff.dim() - 1)))
-        return _per_element_sum(diff.square()) * scale, (diff * (2 * s)).to(code.dtype)
+            return values, diff.mul_(_per_element((2 * scale).to(diff.dtype), diff))
+        diff = self._masked_diff(code)
+        return _per_element_sum(diff.square()) * scale, (diff * _per_element(2 * scale, diff)).to(code.dtype)
 
     def select(self, index: slice) -> "L2Loss":
         """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
@@ -158,8 +163,7 @@ class _SquaredDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (diff,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        scale = (2 * grad).to(diff.dtype).view(-1, *([1] * (diff.dim() - 1)))
-        return diff * scale, None
+        return diff * _per_element((2 * grad).to(diff.dtype), diff), None
 
 
 class InnerProductLoss:
@@ -182,6 +186,7 @@ class InnerProductLoss:
             raise ObjectiveError("target weights are all zero: nothing to maximize")
         self.weights = weights.detach()
         self.Z = Z_t
+        self._grad_cache: dict[tuple, Tensor] = {}
 
     def __call__(self, code: Tensor) -> Tensor:
         return -self.activation(code) / self.Z
@@ -193,17 +198,15 @@ class InnerProductLoss:
         scale = weight / self.Z.to(code.device)
         values = -self.activation(code) * scale
         key = (weight, code.dtype, code.device, code.dim() == 4 and not code.is_contiguous())
-        cache = self.__dict__.setdefault("_grad_cache", {})
-        if key not in cache:  # constant over a run: formed once
-            s = scale.view(-1, *([1] * (code.dim() - 1)))
-            cache.clear()
-            cache[key] = (self.weights * -s).to(code.dtype)
-        return values, cache[key]
+        if key not in self._grad_cache:  # constant over a run: formed once
+            self._grad_cache = {key: (self.weights * -_per_element(scale, code)).to(code.dtype)}
+        return values, self._grad_cache[key]
 
     def select(self, index: slice) -> "InnerProductLoss":
         """The loss of batch elements ``index`` only (the engine optimizes big batches in chunks)."""
         part = object.__new__(InnerProductLoss)
         part.weights, part.Z = self.weights[index], self.Z[index]
+        part._grad_cache = {}
         return part
 
     def activation(self, code: Tensor) -> Tensor:

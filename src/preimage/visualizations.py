@@ -116,8 +116,8 @@ def invert(
 
     All images x seeds form one batch, optimized in chunks of ``batch_size`` (default: what fits
     in memory, :func:`preimage.engine.auto_batch_size`).  ``compile=True`` fuses the image-side
-    work of every step into one compiled kernel (:mod:`preimage.fused`): same results up to
-    float rounding, faster for long runs, ~15 s of compilation the first time.
+    work and the loss of every step into compiled kernels (:mod:`preimage.fused`): same results
+    up to float rounding, faster for long runs, ~15 s of compilation the first time.
 
     Args:
         photos: ``(B, 3 or 1, H, W)`` RGB or gray images in [0, 1].

@@ -82,6 +82,7 @@ class ModuleCut(Representation):
         self._target = modules[layer]
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32), persistent=False)
+        self._divide = bool((self.std != 1).any())  # Caffe models take 0..255 units as they are
         self.scale, self.bgr = float(scale), bgr
         self.channels_last = channels_last
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
@@ -114,7 +115,7 @@ class ModuleCut(Representation):
         """
         self.check_input(x)
         given = x
-        if bool((self.std != 1).any()):  # Caffe models take 0..255 units as they are
+        if self._divide:
             x = x / self.std.to(x).view(1, -1, 1, 1)
         layout = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
         x = x.to(self.compute_dtype, memory_format=layout)  # one copy for both (none if unchanged)
