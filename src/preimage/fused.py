@@ -20,9 +20,11 @@ traced as they are, their slice updates fuse less well (measured: a 27 % slower 
 torch afterwards, ~3 s), so it pays for long runs (many images, layers or units) and on GPUs;
 if it fails (no C++ compiler, an unsupported platform) the engine warns once and stays eager.
 
-Off by default; on per call (``optimize(..., compile=True)``, the same argument of
+Off by default in the API; on per call (``optimize(..., compile=True)``, the same argument of
 :func:`~preimage.visualizations.invert` and friends), for the process (:func:`set_default`,
-the CLI's ``--compile``) or from the environment (``PREIMAGE_COMPILE=1``).
+the CLI's ``--compile``) or from the environment (``PREIMAGE_COMPILE=1``).  The long CLI
+commands (``table4``, ``table5``, ``figures``) turn it on unless ``--no-compile`` or
+``PREIMAGE_COMPILE=0``.
 """
 
 from __future__ import annotations
