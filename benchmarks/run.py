@@ -6,9 +6,10 @@ a precision and a batch size -- one run measures:
 * **engine**: seconds per image per iteration of the whole engine step of
   :func:`preimage.engine.optimize` (jitter crop, Φ forward, loss, regularizers, backward to the
   image, Algorithm-1 update, projection), timed over ``k`` iterations after a warm-up;
-* **bare**: the same for a bare forward + backward-to-input of the representation
-  (``rep(x).backward(ones)`` with the output gradient formed once, no loss, no weight
-  gradients), and the ratio engine / bare;
+* **bare**: the same for a bare forward + backward-to-input of the representation as the engine
+  differentiates it (``rep.for_optimization()``: DSIFT without VLFeat's rounding, CNNs with the
+  sub-pixel backward of their first convolution), ``phi(x).backward(ones)`` with the output
+  gradient formed once, no loss, no weight gradients; and the ratio engine / bare;
 * **full inversion**: seconds per image of the default inversion (300 + 50 = 350 iterations,
   :func:`preimage.visualizations.invert`): really run for HOG / HOGb / DSIFT, estimated as
   ``350 x engine step`` for CNNs (``"estimated": true``) unless ``--full``;
@@ -274,7 +275,8 @@ def bare_input(rep: Representation, batch: int, size: int, device: torch.device)
 
 
 def time_bare(rep: Representation, batch: int, size: int, warmup: int, iters: int, device: torch.device) -> float:
-    """Seconds per bare forward + backward-to-input (whole batch)."""
+    """Seconds per bare forward + backward-to-input (whole batch) of Φ as the engine runs it."""
+    rep = rep.for_optimization()
     x = bare_input(rep, batch, size, device)
     grads: list[Tensor] = []
     for _ in range(warmup):
@@ -288,7 +290,9 @@ def time_bare(rep: Representation, batch: int, size: int, warmup: int, iters: in
 
 
 def count_flops(rep: Representation, batch: int, size: int, device: torch.device) -> int:
-    """FLOPs counted by :class:`FlopCounterMode` in one bare forward + backward (whole batch)."""
+    """FLOPs counted by :class:`FlopCounterMode` in one bare forward + backward (whole batch), of
+    Φ's own arithmetic (``rep``, not ``for_optimization``, whose sub-pixel backward multiplies
+    some zero taps)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = bare_input(rep, batch, size, device)

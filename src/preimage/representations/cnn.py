@@ -9,12 +9,14 @@ hooks never pile up, even when the model raises.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .base import Geometry, Representation, RepresentationError
+from .input_conv import SubpixelHooks, qualifies
 
 
 class _Stop(Exception):
@@ -85,6 +87,7 @@ class ModuleCut(Representation):
         self._divide = bool((self.std != 1).any())  # Caffe models take 0..255 units as they are
         self.scale, self.bgr = float(scale), bgr
         self.channels_last = channels_last
+        self.fast_input_gradient: list[nn.Conv2d] = []  # see for_optimization
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
         self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
 
@@ -123,16 +126,29 @@ class ModuleCut(Representation):
             x = x.clone()
         return self._run(x)
 
+    def for_optimization(self) -> "ModuleCut":
+        """This cut with the image-facing strided convolutions back-propagated as sub-pixel
+        convolutions (:mod:`~preimage.representations.input_conv`: the same gradient, 2-7x
+        faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1); ``self`` when the model
+        has none."""
+        convs = [m for m in self.model.modules() if qualifies(m)]
+        if not convs or self.fast_input_gradient:
+            return self
+        fast = copy.copy(self)  # shares the model and the buffers; only the list differs
+        fast.fast_input_gradient = convs
+        return fast
+
     def _run(self, x: Tensor) -> Tensor:
-        if self.layer == "":
-            return self.model(x)
-        handle = self._target.register_forward_hook(_capture)
-        try:
-            self.model(x)
-        except _Stop as stop:
-            return stop.output
-        finally:
-            handle.remove()
+        with SubpixelHooks(self.fast_input_gradient):
+            if self.layer == "":
+                return self.model(x)
+            handle = self._target.register_forward_hook(_capture)
+            try:
+                self.model(x)
+            except _Stop as stop:
+                return stop.output
+            finally:
+                handle.remove()
         raise RepresentationError(f"layer {self.layer!r} was never called by the model's forward")
 
 

@@ -1,0 +1,149 @@
+"""The image-facing strided convolution, back-propagated as a sub-pixel convolution (issue 5).
+
+Every step of the engine back-propagates to the image through the network's first layer: for
+AlexNet, CaffeNet, VGG-M and SqueezeNet a convolution from 3 channels with stride 2 or 4.  The
+gradient with respect to its input is a transposed convolution with 3 output channels, which
+oneDNN computes 3-8x slower than the forward convolution (bf16, measured in
+``benchmarks/README.md``: AlexNet conv1 at batch 8, 10.3 ms against 1.1 ms forward).
+
+The same gradient is an ordinary stride-1 convolution followed by a pixel shuffle.  With stride
+``s`` and padding offset ``p``, input pixel ``Y + p = s*q + r`` (``0 <= r < s``) receives
+``sum_{o,m} W[o, :, s*m + r] * g[o, q - m]``: for each phase ``r`` a correlation of the output
+gradient ``g`` with the kernel taps ``r, r + s, ...`` flipped.  Stacking the ``s*s`` phases as
+``C_in*s*s`` output channels gives one convolution of ``g`` (96 channels in, e.g. 48 out, a
+3x3 or 4x4 kernel) that oneDNN runs at full speed, then a shuffle interleaves the phases.
+Measured: 2-7x faster in bf16, 2.5-4.5x in fp32, the same values up to rounding
+(``tests/test_input_conv.py`` checks it against autograd with ``gradcheck``).
+
+:class:`~preimage.representations.cnn.ModuleCut` uses it in the Φ it hands the engine
+(``for_optimization``): hooks on the qualifying ``nn.Conv2d`` let the module compute its own
+output, detached, and attach this gradient instead of autograd's.  The forward values are the
+module's own; only the backward arithmetic differs.  CPU only: on CUDA the convolution keeps
+cuDNN's backward (not measured slow).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MAX_IN_CHANNELS = 4  # image-facing convolutions only (gray, RGB, RGBA): where it was measured
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The (top, left) zero padding of ``conv``'s input, or None for a convolution this module
+    cannot handle."""
+    from ..models.networks import PaddedConv2d
+
+    if type(conv) is PaddedConv2d:
+        top, _bottom, left, _right = conv.padding4
+        return (top, left) if conv.padding == (0, 0) else None
+    if type(conv) is not nn.Conv2d or isinstance(conv.padding, str):
+        return None
+    return int(conv.padding[0]), int(conv.padding[1])
+
+
+def qualifies(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain strided convolution on an image (``nn.Conv2d`` or
+    MatConvNet's ``PaddedConv2d``; zero padding, no groups or dilation, stride > 1, at most
+    :data:`MAX_IN_CHANNELS` input channels, frozen weights)."""
+    if not isinstance(module, nn.Conv2d) or _padding(module) is None:
+        return False
+    return (module.groups == 1 and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros"
+            and tuple(module.stride) != (1, 1) and module.in_channels <= MAX_IN_CHANNELS
+            and not module.weight.requires_grad)
+
+
+def subpixel_kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
+    """``(C_out, C_in, kh, kw)`` -> the ``(C_in*sh*sw, C_out, Mh, Mw)`` kernel of the phases
+    (``M = ceil(k / s)``, taps beyond ``k`` zero), flipped for a correlation."""
+    co, ci, kh, kw = weight.shape
+    sh, sw = stride
+    Mh, Mw = -(-kh // sh), -(-kw // sw)
+    padded = weight.new_zeros(co, ci, Mh * sh, Mw * sw)
+    padded[..., :kh, :kw] = weight
+    phases = padded.view(co, ci, Mh, sh, Mw, sw).permute(1, 3, 5, 0, 2, 4)  # c, ry, rx, o, my, mx
+    kernel = phases.flip(-2, -1).reshape(ci * sh * sw, co, Mh, Mw)
+    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and kh * kw > 1 \
+        else torch.contiguous_format
+    return kernel.contiguous(memory_format=layout)
+
+
+def input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], offset: tuple[int, int],
+                   size: tuple[int, int]) -> Tensor:
+    """The gradient of ``conv2d(pad(x), weight, stride)`` with respect to ``x`` ``(N, C_in, *size)``,
+    given the output's gradient; ``offset`` is the (top, left) padding."""
+    sh, sw = stride
+    kernel = subpixel_kernel(weight, stride)
+    Mh, Mw = kernel.shape[-2:]
+    phases = F.conv2d(grad_out, kernel, padding=(Mh - 1, Mw - 1))  # (N, C_in*sh*sw, Qh, Qw)
+    n, _, Qh, Qw = phases.shape
+    ci = weight.shape[1]
+    full = phases.view(n, ci, sh, sw, Qh, Qw).permute(0, 1, 4, 2, 5, 3).reshape(n, ci, Qh * sh, Qw * sw)
+    (top, left), (H, W) = offset, size
+    short_h, short_w = max(0, top + H - Qh * sh), max(0, left + W - Qw * sw)
+    if short_h or short_w:  # input rows / columns no window reaches: zero gradient
+        full = F.pad(full, (0, short_w, 0, short_h))
+    return full[..., top:top + H, left:left + W]
+
+
+class _SubpixelBackward(torch.autograd.Function):
+    """Identity on the convolution's (detached) output; its backward gives the input's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, held: list[Tensor], weight: Tensor, stride: tuple[int, int],
+                offset: tuple[int, int]) -> Tensor:
+        # ``held``: the output, in a list so that autograd does not see an input returned as-is
+        # (it would make a view of it, which an in-place ReLU after the convolution may not modify)
+        ctx.save_for_backward(weight)
+        ctx.geometry = (stride, offset, tuple(x.shape[-2:]), x.dtype)
+        return held[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        stride, offset, size, dtype = ctx.geometry
+        grad = input_gradient(grad_out.to(weight.dtype), weight, stride, offset, size)
+        return grad.to(dtype), None, None, None, None
+
+
+class SubpixelHooks:
+    """Forward hooks that give the convolutions in ``convs`` the sub-pixel input gradient for the
+    duration of a ``with`` block (installed and removed around each forward pass)."""
+
+    def __init__(self, convs: list[nn.Conv2d]) -> None:
+        self.convs = convs
+        self._inputs: dict[int, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()) or x.device.type != "cpu":
+            return None  # nothing to back-propagate; or CUDA, whose own backward was not measured slow
+        self._inputs[id(module)] = x
+        return (x.detach(), *args[1:])  # the module computes its output without a graph
+
+    def _post(self, module: nn.Module, _args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        x = self._inputs.pop(id(module), None)
+        if x is None:
+            return None
+        conv = module
+        assert isinstance(conv, nn.Conv2d)
+        offset = _padding(conv)
+        assert offset is not None
+        return _SubpixelBackward.apply(x, [out], conv.weight, tuple(conv.stride), offset)
+
+    def __enter__(self) -> "SubpixelHooks":
+        for conv in self.convs:
+            self._handles.append(conv.register_forward_pre_hook(self._pre))
+            self._handles.append(conv.register_forward_hook(self._post, prepend=True))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
