@@ -527,3 +527,19 @@ def test_squeezenet_real_weights_top1_top5() -> None:
     print(f"SqueezeNet v1.0 on 100 images: top-1 {top1_acc:.2f}, top-5 {top5_acc:.2f}, {elapsed:.1f} s")
     assert abs(top1_acc - 0.64) <= 0.02 + 1e-9, top1_acc
     assert abs(top5_acc - 0.83) <= 0.02 + 1e-9, top5_acc
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_gradient_in_closed_form(channels_last: bool) -> None:
+    """The ACROSS_CHANNELS backward pass (closed form, not autograd): gradcheck in float64, and
+    the same gradient as torch's ``local_response_norm`` differentiated by autograd."""
+    lrn = CaffeLRN(5, 0.05, 0.75, 2.0)
+    x = torch.randn(2, 9, 4, 5, dtype=torch.float64) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lrn, (x,))
+    g = torch.randn(2, 9, 4, 5, dtype=torch.float64)
+    (got,) = torch.autograd.grad(lrn(x), x, g)
+    (want,) = torch.autograd.grad(F.local_response_norm(x, 5, alpha=0.05, beta=0.75, k=2.0), x, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
