@@ -178,6 +178,25 @@ def test_allocator_setting_is_applied_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert allocator.keep_freed_memory() is False  # the user's own settings win
 
 
+def test_large_buffers_are_reused_without_page_faults() -> None:
+    """With the allocator setting, a 64 MB tensor freed and allocated again reuses the same
+    pages (glibc would otherwise map and unmap it every time: 16384 page faults)."""
+    import resource
+
+    if not allocator.keep_freed_memory():
+        pytest.skip("glibc's mallopt is not available here (or MALLOC_* / PREIMAGE_KEEP_MALLOC is set)")
+
+    def touch() -> None:
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+
+    touch()
+    touch()  # the heap settles after the first reuse
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        touch()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2000
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_cli_compile_flag(images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
