@@ -148,3 +148,15 @@ def test_subpixel_kernel_keeps_weights_untouched() -> None:
     assert torch.equal(conv.weight, before)
     ref = F.conv_transpose2d(g, conv.weight, stride=2)
     torch.testing.assert_close(input_gradient(g, conv.weight, (2, 2), (0, 0), (15, 15)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_follows_weight_changes() -> None:
+    """The sub-pixel kernel is cached per weight tensor and rebuilt when the weights change in place."""
+    conv = _frozen(nn.Conv2d(3, 4, 5, stride=2))
+    g = torch.randn(1, 4, 6, 6)
+    first = input_gradient(g, conv.weight, (2, 2), (0, 0), (15, 15))
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    torch.testing.assert_close(input_gradient(g, conv.weight, (2, 2), (0, 0), (15, 15)), 2 * first)
+    torch.testing.assert_close(input_gradient(g, conv.weight, (2, 2), (0, 0), (15, 15)),
+                               F.conv_transpose2d(g, conv.weight, stride=2), rtol=1e-5, atol=1e-5)
