@@ -26,7 +26,7 @@ scipy_io = pytest.importorskip("scipy.io")
 from preimage.geometry import receptive_fields  # noqa: E402
 from preimage.models.caffe import CaffeLRN, CaffePooling, ModelError  # noqa: E402
 from preimage.models.matconvnet import load_matconvnet, read_mat  # noqa: E402
-from preimage.models.networks import PaddedConv2d, Pool2d, SequentialNet, meta_build  # noqa: E402
+from preimage.models.networks import DenseConv2d, PaddedConv2d, Pool2d, SequentialNet, meta_build  # noqa: E402
 from preimage.models.zoo import load_model  # noqa: E402
 from preimage.representations.base import Geometry  # noqa: E402
 
@@ -289,6 +289,7 @@ def test_alexnet_round_trip_v73(tmp_path: Path) -> None:
     assert isinstance(lrn, CaffeLRN) and lrn.alpha == pytest.approx(1e-4) and lrn.k == 1.0
     pool = loaded.layer("pool1")
     assert isinstance(pool, Pool2d) and not pool.ceil and pool.padding4 == (0, 0, 0, 0)
+    assert all(isinstance(loaded.layer(fc), DenseConv2d) for fc in ("fc6", "fc7", "fc8"))  # matrix products
     x = torch.randn(1, 3, 227, 227) * 50
     with torch.no_grad():
         a, b = loaded(x, until="pool5"), net(x, until="pool5")

@@ -581,3 +581,38 @@ def test_module_cut_never_hands_the_model_the_callers_tensor(std: tuple[float, f
     trace = optimize(rep, L2Loss(code), (32, 32), [0, 1], Settings(iterations=3, fine_iterations=0, jitter=3),
                      [Stage(3)])
     assert torch.isfinite(trace.x).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last_bf16"])
+def test_dense_conv2d_is_the_convolution(layout: str) -> None:
+    """fc6 as a matrix product at the nominal size (same output and input gradient as the
+    convolution, in both weight layouts), and the convolution itself on larger inputs."""
+    from preimage.models.networks import DenseConv2d
+    from preimage.representations.cnn import low_precision
+
+    torch.manual_seed(0)
+    dense = DenseConv2d(16, 32, 5)
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    plain = nn.Conv2d(16, 32, 5)
+    plain.load_state_dict(dense.state_dict())
+    dtype = torch.float32
+    if layout == "channels_last_bf16":
+        dense, plain, dtype = low_precision(dense), low_precision(plain), torch.bfloat16
+        assert not dense.weight.is_contiguous()  # the (h, w, c) order is taken
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for size in (5, 9):  # 1 x 1 output: matrix product; 5 x 5 output: convolution
+        x = (torch.randn(3, 16, size, size) * 2).to(dtype)
+        if layout == "channels_last_bf16":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        y = dense(x)
+        want = plain(x)
+        assert y.shape == want.shape == (3, 32, size - 4, size - 4)
+        torch.testing.assert_close(y.float(), want.float(), **tol)
+        g = torch.randn(y.shape).to(dtype)
+        (gx,) = torch.autograd.grad(y, x, g)
+        (gw,) = torch.autograd.grad(want, x, g)
+        torch.testing.assert_close(gx.float(), gw.float(), **tol)
+    assert isinstance(build("alexnet").layer("fc6"), DenseConv2d)
+    assert type(build("vgg-vd-16").layer("conv1_1")) is nn.Conv2d

@@ -53,6 +53,7 @@ from torch import nn
 from .caffe import CaffeLRN, ModelError, sanitize_name
 from .networks import (
     ARCHITECTURES,
+    DenseConv2d,
     InputConvention,
     PaddedConv2d,
     Pool2d,
@@ -268,8 +269,10 @@ def _conv_layer(layer: dict[str, Any], channels: int, where: str) -> tuple[nn.Co
         bias = torch.from_numpy(b.copy())
     t, bt, lf, rt = pad
     kwargs: dict[str, Any] = dict(stride=stride, dilation=dilation, groups=groups, bias=bias is not None)
-    if t == bt and lf == rt:
-        conv: nn.Conv2d = nn.utils.skip_init(nn.Conv2d, channels, n_out, (kh, kw), padding=(t, lf), **kwargs)
+    if t == bt == lf == rt == 0 and groups == 1:  # fc6-fc8 are such convolutions
+        conv: nn.Conv2d = nn.utils.skip_init(DenseConv2d, channels, n_out, (kh, kw), **kwargs)
+    elif t == bt and lf == rt:
+        conv = nn.utils.skip_init(nn.Conv2d, channels, n_out, (kh, kw), padding=(t, lf), **kwargs)
     else:
         conv = nn.utils.skip_init(PaddedConv2d, channels, n_out, (kh, kw), pad=pad, **kwargs)
     conv.weight = nn.Parameter(weight)

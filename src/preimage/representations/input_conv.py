@@ -39,19 +39,19 @@ _kernels = WeakIdKeyDictionary()  # weight -> (its version, stride, sub-pixel ke
 def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """The (top, left) zero padding of ``conv``'s input, or None for a convolution this module
     cannot handle."""
-    from ..models.networks import PaddedConv2d
+    from ..models.networks import DenseConv2d, PaddedConv2d
 
     if type(conv) is PaddedConv2d:
         top, _bottom, left, _right = conv.padding4
         return (top, left) if conv.padding == (0, 0) else None
-    if type(conv) is not nn.Conv2d or isinstance(conv.padding, str):
+    if type(conv) not in (nn.Conv2d, DenseConv2d) or isinstance(conv.padding, str):
         return None
     return int(conv.padding[0]), int(conv.padding[1])
 
 
 def qualifies(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain strided convolution on an image (``nn.Conv2d`` or
-    MatConvNet's ``PaddedConv2d``; zero padding, no groups or dilation, stride > 1, at most
+    """Whether ``module`` is a plain strided convolution on an image (``nn.Conv2d``, or this
+    project's ``DenseConv2d`` / ``PaddedConv2d``; zero padding, no groups or dilation, stride > 1, at most
     :data:`MAX_IN_CHANNELS` input channels, frozen weights)."""
     if not isinstance(module, nn.Conv2d) or _padding(module) is None:
         return False
