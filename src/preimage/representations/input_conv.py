@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-MAX_IN_CHANNELS = 4  # image-facing convolutions only (gray, RGB, RGBA): where it was measured
+MAX_IN_CHANNELS = 4  # image-facing convolutions only (gray, RGB, RGBA): for wide ones oneDNN's
+# backward is as fast as its forward and the sub-pixel form slower (VGG-M conv2 in bf16 at batch 8:
+# 3.1 against 5.7 ms; a ResNet-style 3x3 stride-2 64 -> 128: 0.54 against 1.67 ms)
 
 _kernels = WeakIdKeyDictionary()  # weight -> (its version, stride, sub-pixel kernel)
 
