@@ -9,6 +9,7 @@ hooks never pile up, even when the model raises.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -87,7 +88,7 @@ class ModuleCut(Representation):
         self._divide = bool((self.std != 1).any())  # Caffe models take 0..255 units as they are
         self.scale, self.bgr = float(scale), bgr
         self.channels_last = channels_last
-        self.fast_input_gradient: list[nn.Conv2d] = []  # see for_optimization
+        self._subpixel: SubpixelHooks | None = None  # see for_optimization
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
         self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
 
@@ -131,15 +132,22 @@ class ModuleCut(Representation):
         convolutions (:mod:`~preimage.representations.input_conv`: the same gradient, 2-7x
         faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1); ``self`` when the model
         has none."""
-        convs = [m for m in self.model.modules() if qualifies(m)]
-        if not convs or self.fast_input_gradient:
+        if self._subpixel is not None:
             return self
-        fast = copy.copy(self)  # shares the model and the buffers; only the list differs
-        fast.fast_input_gradient = convs
+        convs = [m for m in self.model.modules() if qualifies(m)]
+        if not convs:
+            return self
+        fast = copy.copy(self)  # shares the model and the buffers; only the hooks differ
+        fast._subpixel = SubpixelHooks(convs)
         return fast
 
+    @property
+    def fast_input_gradient(self) -> list[nn.Conv2d]:
+        """The convolutions back-propagated as sub-pixel convolutions (empty for ``self``)."""
+        return self._subpixel.convs if self._subpixel is not None else []
+
     def _run(self, x: Tensor) -> Tensor:
-        with SubpixelHooks(self.fast_input_gradient):
+        with self._subpixel if self._subpixel is not None else contextlib.nullcontext():
             if self.layer == "":
                 return self.model(x)
             handle = self._target.register_forward_hook(_capture)

@@ -127,11 +127,13 @@ class _SubpixelBackward(torch.autograd.Function):
 
 
 class SubpixelHooks:
-    """Forward hooks that give the convolutions in ``convs`` the sub-pixel input gradient for the
-    duration of a ``with`` block (installed and removed around each forward pass)."""
+    """Forward hooks that give the convolutions in ``convs`` (each one that :func:`qualifies`) the
+    sub-pixel input gradient for the duration of a ``with`` block (installed and removed around
+    each forward pass; the object is reused across passes)."""
 
     def __init__(self, convs: list[nn.Conv2d]) -> None:
         self.convs = convs
+        self._offsets = {id(c): _padding(c) for c in convs}
         self._inputs: dict[int, Tensor] = {}
         self._handles: list[Any] = []
 
@@ -146,11 +148,8 @@ class SubpixelHooks:
         x = self._inputs.pop(id(module), None)
         if x is None:
             return None
-        conv = module
-        assert isinstance(conv, nn.Conv2d)
-        offset = _padding(conv)
-        assert offset is not None
-        return _SubpixelBackward.apply(x, [out], conv.weight, tuple(conv.stride), offset)
+        assert isinstance(module, nn.Conv2d)
+        return _SubpixelBackward.apply(x, [out], module.weight, tuple(module.stride), self._offsets[id(module)])
 
     def __enter__(self) -> "SubpixelHooks":
         for conv in self.convs:
