@@ -12,7 +12,7 @@ from preimage import (
     invert,
     maximize,
 )
-from preimage.engine import Stage, noise_init
+from preimage.engine import Stage, noise_init, percentile95
 
 from .conftest import photo, tiny_cnn
 
@@ -34,6 +34,16 @@ def test_geometry_is_probed(rep):
 def test_noise_init_95th_percentile_is_B_over_sqrt3():
     x = noise_init((3, 50, 50), seed=3, scale=80 / 3**0.5)
     assert torch.quantile(x.flatten(), 0.95).item() == pytest.approx(80 / 3**0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 230, 230), (1, 161, 160), (3, 7, 5), (1, 2, 2), (1, 1, 1)])
+def test_percentile95_is_torch_quantile_bit_for_bit(shape):
+    """Every seed's start depends on it: the selection must give quantile's very bits."""
+    for seed in range(5):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        assert torch.equal(percentile95(x.flatten()), torch.quantile(x.flatten(), 0.95))
+    ties = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 5.0, 5.0])
+    assert torch.equal(percentile95(ties), torch.quantile(ties, 0.95))
 
 
 def test_invert_reduces_error_and_returns_everything(rep):

@@ -71,8 +71,19 @@ def noise_init(shape: Sequence[int], seed: int, scale: float, generator: torch.G
     """
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     x = torch.rand(tuple(shape), generator=g) * 2 - 1
-    q = torch.quantile(x.flatten(), 0.95)
-    return x * (scale / q)
+    return x * (scale / percentile95(x.flatten()))
+
+
+def percentile95(values: Tensor) -> Tensor:
+    """``torch.quantile(values, 0.95)`` (linear interpolation, the same bits) by two selections
+    instead of a sort: 1.2 against 10 ms for a 3x230x230 canvas, which every seed pays once
+    (a batch of 128 seeds spent 1.9 s sorting on a GPU run)."""
+    n = values.numel()
+    rank = torch.tensor(0.95, dtype=values.dtype) * (n - 1)  # in the values' dtype, as quantile
+    lo, hi = int(rank.floor()), int(rank.ceil())
+    below = values.kthvalue(lo + 1).values
+    above = values.kthvalue(hi + 1).values if hi != lo else below
+    return torch.lerp(below, above, rank - lo)
 
 
 IMAGE_BUFFERS = 40  # image-sized fp32 buffers a step may hold per element (see element_bytes)
