@@ -114,13 +114,14 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_loss_kernel_is_the_eager_loss(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_compiled_loss_kernel_is_the_eager_loss(dtype: torch.dtype, layout: torch.memory_format) -> None:
     """The one-pass loss kernel gives L2Loss.value_and_grad's values and gradient, in the code's
     dtype and memory layout; compiled and uncompiled."""
     torch.manual_seed(3)
     target = torch.randn(3, 16, 9, 7).to(dtype)
     loss = L2Loss(target)
-    code = torch.randn(3, 16, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    code = torch.randn(3, 16, 9, 7).to(dtype).contiguous(memory_format=layout)
     eager_values, eager_grad = loss.value_and_grad(code, weight=20.0)
     plain = fused.squared_distance(code, loss._target_like(code), 20.0 / loss.norm2.float())
     with warnings.catch_warnings():
@@ -129,7 +130,7 @@ def test_compiled_loss_kernel_is_the_eager_loss(dtype: torch.dtype) -> None:
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
     for values, grad in (plain, compiled):
         assert values.dtype == torch.float32 and grad.dtype == dtype
-        assert grad.is_contiguous(memory_format=torch.channels_last)
+        assert grad.is_contiguous(memory_format=layout) and grad.shape == code.shape
         torch.testing.assert_close(values, eager_values, **tol)
         torch.testing.assert_close(grad.float(), eager_grad.float(), **tol)
 

@@ -39,6 +39,7 @@ from torch import Tensor
 Update = Callable[..., tuple[Tensor, Tensor]]
 
 _kernels: dict[Update, Update] = {}  # function -> its torch.compile'd kernel
+_rates: dict[tuple[float, torch.device], Tensor] = {}  # step sizes as tensors, made once per device
 _broken: str | None = None
 _default: bool | None = None  # set_default's value; None: PREIMAGE_COMPILE decides
 
@@ -125,7 +126,13 @@ def _run(fn: Update, *args: object, **kwargs: object) -> tuple[Tensor, Tensor] |
 def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
     """:func:`fused_update` through the compiled kernel (see :func:`_run`); ``lr`` goes in as a
     tensor, so that a new stage's rate does not recompile."""
-    return _run(fused_update, x, grad, G, mu, lr=torch.tensor(lr, device=x.device), **constants)
+    key = (lr, x.device)
+    rate = _rates.get(key)
+    if rate is None:  # a host-to-device copy per step otherwise (measurable on a GPU at batch 1)
+        if len(_rates) > 64:
+            _rates.clear()
+        rate = _rates[key] = torch.tensor(lr, device=x.device)
+    return _run(fused_update, x, grad, G, mu, lr=rate, **constants)
 
 
 def squared_distance(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,8 +152,18 @@ def squared_distance(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tenso
 
 
 def loss_step(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor] | None:
-    """:func:`squared_distance` through its compiled kernel (see :func:`_run`)."""
-    return _run(squared_distance, code, target, scale)
+    """:func:`squared_distance` through its compiled kernel (see :func:`_run`).
+
+    ``target`` has ``code``'s layout.  A channels-last code goes in as its ``(N, H, W, C)``
+    view, which is contiguous: the kernel then sums each element's row in memory order.  Given
+    the ``(N, C, H, W)`` view, Triton's reduction read it across the channel stride: 5.3 ms of a
+    15 ms step at VGG-VD-16 conv1_1 in bf16, batch 128, on an H200 (benchmarks/README.md).
+    """
+    last = code.dim() == 4 and not code.is_contiguous() and code.is_contiguous(memory_format=torch.channels_last)
+    if not last:
+        return _run(squared_distance, code, target, scale)
+    out = _run(squared_distance, code.permute(0, 2, 3, 1), target.permute(0, 2, 3, 1), scale)
+    return None if out is None else (out[0], out[1].permute(0, 3, 1, 2))
 
 
 def disable(reason: str) -> None:
