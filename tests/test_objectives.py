@@ -169,6 +169,26 @@ def test_jitter_crop_per_element_offsets_and_gradient():
     assert canvas.grad.sum() == 2 * 12
 
 
+def test_gather_crop_is_the_per_element_crop_and_gradchecks():
+    """The GPU's one-kernel crop (used off the CPU) against the CPU's per-element copies."""
+    from preimage.objectives import gather_crop
+
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.randn(5, 3, 9, 11, dtype=torch.float64, generator=g).requires_grad_(True)
+    offsets = torch.randint(0, 4, (5, 2), generator=g)
+    offsets[0] = torch.tensor([3, 0])  # not all equal
+    crop = gather_crop(canvas, offsets, (6, 8))
+    reference = jitter_crop(canvas, offsets, (6, 8))
+    assert crop.is_contiguous()
+    torch.testing.assert_close(crop, reference, rtol=0, atol=0)
+    weights = torch.randn(crop.shape, dtype=torch.float64, generator=g)
+    (ours,) = torch.autograd.grad((crop * weights).sum(), canvas)
+    (theirs,) = torch.autograd.grad((reference * weights).sum(), canvas)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    small = canvas[:2, :, :5, :6].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: gather_crop(c, offsets[:2].clamp_max(2), (3, 4)), (small,))
+
+
 @pytest.mark.parametrize("alpha", [6.0, 4.0, 2.5])
 def test_bounded_range_closed_form_gradient_equals_autograd(alpha):
     reg = BoundedRange(alpha, 80.0)
