@@ -38,6 +38,9 @@ MAX_IN_CHANNELS = 4  # image-facing convolutions only (gray, RGB, RGBA): for wid
 _kernels = WeakIdKeyDictionary()  # weight -> (its version, stride, sub-pixel kernel)
 
 
+DEVICES = {"cpu"}  # device types that get the sub-pixel backward (see benchmarks/README.md for CUDA)
+
+
 def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """The (top, left) zero padding of ``conv``'s input, or None for a convolution this module
     cannot handle."""
@@ -139,8 +142,8 @@ class SubpixelHooks:
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0] if args else None
-        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()) or x.device.type != "cpu":
-            return None  # nothing to back-propagate; or CUDA, whose own backward was not measured slow
+        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()) or x.device.type not in DEVICES:
+            return None  # nothing to back-propagate, or a device whose own backward is fast enough
         self._inputs[id(module)] = x
         return (x.detach(), *args[1:])  # the module computes its output without a graph
 
