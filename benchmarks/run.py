@@ -18,7 +18,10 @@ a precision and a batch size -- one run measures:
   and its fraction of the machine's peak, measured in the same run by a large matrix product in
   fp32 and in bf16;
 * **peak memory** of the case, run in a fresh subprocess (``--case ID --json-line``):
-  ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+  ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.  ``--in-process`` measures
+  every case in the driver's process instead (no interpreter start, CUDA initialization and
+  model build per case: what a short GPU lease wants); CUDA's peak is reset per case, while the
+  CPU's ``ru_maxrss`` is then the process's peak so far (recorded as ``ru_maxrss_process``).
 
 It prints a table and a *targets* section (PASS / FAIL / SKIP with the numbers, never an
 assertion) and writes everything to a JSON file (atomically, after every case).
@@ -28,7 +31,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/run.py                                 # everything, CPU
     .venv/bin/python benchmarks/run.py --quick --only hog --out /tmp/x.json   # smoke test, seconds
     .venv/bin/python benchmarks/run.py --only squeezenet,alexnet --precision bf16 --batch 1,16
-    .venv/bin/python benchmarks/run.py --device cuda --full
+    .venv/bin/python benchmarks/run.py --device cuda --full --compile --in-process
     .venv/bin/python benchmarks/run.py --case "alexnet/conv3@227:bf16:b16" --json-line   # one case
 
 Case ids read ``FAMILY[/LAYER]@SIZE:PRECISION:bBATCH``, e.g. ``hog@160:fp32:b16`` or
@@ -347,7 +350,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
     if device.type == "cuda":
         peak_mb, memory = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
     else:
-        peak_mb, memory = max_rss_mb(), "ru_maxrss"
+        peak_mb, memory = max_rss_mb(), "ru_maxrss_process" if getattr(opts, "in_process", False) else "ru_maxrss"
     return {
         "id": case.id,
         "family": case.family,
@@ -369,6 +372,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "ratio_engine_bare": engine / bare,
         "full_inversion_iterations": FULL_ITERATIONS,
         "full_inversion_s_per_img": full * per_img,
+        "inversions_per_s": case.batch / full,
         "estimated": estimated,
         "flops_counted_per_iter": flops,
         "gflop_per_img_iter": gflop,
@@ -505,18 +509,19 @@ def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dic
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="preimage benchmarks (per image; ~ = estimated as 350 x engine step)")
     for col in ("case", "batch", "precision", "engine ms/img/iter", "bare ms/img/iter", "ratio",
-                "full inv. s/img", "GFLOP/iter", "GFLOP/s", "% peak", "peak MB"):
+                "full inv. s/img", "inv./s", "GFLOP/iter", "GFLOP/s", "% peak", "peak MB"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in records:
         name = r["family"] if r.get("layer") is None else f"{r['family']}/{r['layer']}"
         name = f"{name}@{r['size']}"
         if "error" in r:
             table.add_row(name, str(r["batch"]), r["precision"], f"[red]error: {r['error'][:60]}[/red]",
-                          *["-"] * 7)
+                          *["-"] * 8)
             continue
         table.add_row(name, str(r["batch"]), r["precision"], _num(r["engine_s_per_img_iter"], 1e3),
                       _num(r["bare_s_per_img_iter"], 1e3), _num(r["ratio_engine_bare"], digits=2),
                       _num(r["full_inversion_s_per_img"], prefix="~" if r["estimated"] else ""),
+                      _num(r.get("inversions_per_s"), prefix="~" if r["estimated"] else ""),
                       _num(r["gflop_per_img_iter"]), _num(r["gflops_engine"]), _num(r["pct_of_peak"], digits=2),
                       _num(r["peak_memory_mb"], digits=4))
     console.print(table)
@@ -566,6 +571,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-squeezenet", action="store_true", help="random SqueezeNet weights even if shared")
     p.add_argument("--case-timeout", type=float, default=3600.0, help="seconds allowed to one case")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every case in this process (CUDA's peak memory is reset per case; CPU's is cumulative)")
     p.add_argument("--case", help="measure this one case id in this process (used by the driver)")
     p.add_argument("--json-line", action="store_true", help="with --case: print the record as one JSON line")
     return p.parse_args(argv)
@@ -629,6 +636,19 @@ def run_in_subprocess(case: Case, opts: argparse.Namespace) -> Record:
     return {**base, "error": tail}
 
 
+def run_here(case: Case, opts: argparse.Namespace) -> Record:
+    """Measure ``case`` in this process (``--in-process``); an error record if it fails."""
+    try:
+        return run_case(case, opts)
+    except Exception as exc:  # noqa: BLE001 - one case's failure is recorded, the run goes on
+        return {"id": case.id, "family": case.family, "layer": case.layer, "size": case.size,
+                "precision": case.precision, "batch": case.batch, "kind": "shallow" if case.shallow else "cnn",
+                "error": f"{type(exc).__name__}: {exc}".replace("\n", " ")}
+    finally:
+        if opts.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = apply_defaults(parse_args(argv))
     if opts.threads:
@@ -666,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for i, case in enumerate(cases, 1):
         console.print(f"[{i}/{len(cases)}] {case.id} ...", end=" ", highlight=False)
-        record = run_in_subprocess(case, opts)
+        record = run_here(case, opts) if opts.in_process else run_in_subprocess(case, opts)
         gflops = record.get("gflops_engine")
         record["pct_of_peak"] = None if gflops is None else 100 * gflops / peak[case.precision]
         payload["cases"].append(record)
