@@ -18,8 +18,9 @@ Measured: 2-7x faster in bf16, 2.5-4.5x in fp32, the same values up to rounding
 :class:`~preimage.representations.cnn.ModuleCut` uses it in the Φ it hands the engine
 (``for_optimization``): hooks on the qualifying ``nn.Conv2d`` let the module compute its own
 output, detached, and attach this gradient instead of autograd's.  The forward values are the
-module's own; only the backward arithmetic differs.  CPU only: on CUDA the convolution keeps
-cuDNN's backward (not measured slow).
+module's own; only the backward arithmetic differs.  CPU only (:data:`DEVICES`): on an H200
+the sub-pixel form beat cuDNN at batch 16 but was 2.8x slower in bf16 at batch 128 for the 7x7
+stride-2 layers (``benchmarks/first_conv.py``, ``benchmarks/README.md``), so CUDA keeps cuDNN's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MAX_IN_CHANNELS = 4  # image-facing convolutions only (gray, RGB, RGBA): for wid
 _kernels = WeakIdKeyDictionary()  # weight -> (its version, stride, sub-pixel kernel)
 
 
-DEVICES = {"cpu"}  # device types that get the sub-pixel backward (see benchmarks/README.md for CUDA)
+DEVICES = {"cpu"}  # device types that get the sub-pixel backward (CUDA measured: see the docstring)
 
 
 def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
