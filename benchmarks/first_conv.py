@@ -3,7 +3,8 @@ sub-pixel form of :mod:`preimage.representations.input_conv`, on one device.
 
 Times one forward + backward to the input (no weight gradients) of the first convolution of
 AlexNet (11x11, stride 4), VGG-M and SqueezeNet (7x7, stride 2), 96 filters, in fp32 and bf16,
-channels-last, and prints the median milliseconds per batch of both forms and their ratio.
+channels-last, and prints the median milliseconds per batch of both forms and their ratio, and
+in bf16 the image padded to 8 channels (``padded_input_gradient``, what CUDA uses).
 This is the measurement that decides :data:`input_conv.DEVICES` (the devices that use the
 sub-pixel form)::
 
@@ -42,6 +43,13 @@ def timed(step, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def padded(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """Forward + the 8-channel input gradient (:func:`input_conv.padded_input_gradient`)."""
+    with torch.no_grad():
+        conv(x)
+        input_conv.padded_input_gradient(grad, conv.weight, tuple(conv.stride), (0, 0), tuple(x.shape[-2:]))
+
+
 def measure(name: str, dtype: torch.dtype, batch: int, device: torch.device, reps: int) -> dict:
     kernel, stride, pad, size = LAYERS[name]
     torch.manual_seed(0)
@@ -61,21 +69,24 @@ def measure(name: str, dtype: torch.dtype, batch: int, device: torch.device, rep
         with hooks:
             conv(x).backward(grad)
 
+    t_padded = None
     saved = set(input_conv.DEVICES)
-    input_conv.DEVICES.add(device.type)  # allow the sub-pixel form here, for the measurement
     try:
+        input_conv.DEVICES.add(device.type)  # the sub-pixel form here, for the measurement
         subpixel()
         assert x.grad is not None
         reference = x.grad.clone()
         native()
         agree = ((x.grad.float() - reference.float()).norm() / reference.float().norm()).item()
         t_native, t_sub = timed(native, device, reps), timed(subpixel, device, reps)
+        if dtype != torch.float32:  # the 8-channel form (bf16 / fp16 only)
+            t_padded = timed(lambda: padded(conv, x, grad), device, reps)
     finally:
         input_conv.DEVICES.clear()
         input_conv.DEVICES.update(saved)
     return {"layer": name, "dtype": str(dtype).split(".")[-1], "batch": batch, "device": str(device),
             "native_ms": 1e3 * t_native, "subpixel_ms": 1e3 * t_sub, "speedup": t_native / t_sub,
-            "relative_difference": agree}
+            "padded_ms": None if t_padded is None else 1e3 * t_padded, "relative_difference": agree}
 
 
 def main() -> None:
@@ -92,7 +103,8 @@ def main() -> None:
                 r = measure(name, dtype, batch, device, opts.reps)
                 print(json.dumps(r) if opts.json else
                       f"{r['layer']:<17} {r['dtype']:<9} b{r['batch']:<4} native {r['native_ms']:8.3f} ms  "
-                      f"sub-pixel {r['subpixel_ms']:8.3f} ms  x{r['speedup']:.2f}  (rel. diff {r['relative_difference']:.1e})")
+                      f"sub-pixel {r['subpixel_ms']:8.3f} ms  x{r['speedup']:.2f}  (rel. diff {r['relative_difference']:.1e})"
+                      + ("" if r["padded_ms"] is None else f"  padded to 8 {r['padded_ms']:8.3f} ms"))
 
 
 if __name__ == "__main__":

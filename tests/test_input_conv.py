@@ -160,3 +160,50 @@ def test_kernel_follows_weight_changes() -> None:
     torch.testing.assert_close(input_gradient(g, conv.weight, (2, 2), (0, 0), (15, 15)), 2 * first)
     torch.testing.assert_close(input_gradient(g, conv.weight, (2, 2), (0, 0), (15, 15)),
                                F.conv_transpose2d(g, conv.weight, stride=2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size", [
+    (11, 4, 0, (31, 27)), (7, 2, 3, (17, 17)), (5, 3, 2, (16, 20)), ((3, 5), (2, 3), (1, 0), (15, 19)),
+])
+def test_padded_input_gradient_is_the_convolutions_gradient(kernel, stride, padding, size) -> None:
+    """The CUDA form for bf16 (the image padded to 8 channels), checked in float64 on the CPU."""
+    from preimage.representations.input_conv import padded_input_gradient
+
+    torch.manual_seed(2)
+    conv = _frozen(nn.Conv2d(3, 5, kernel, stride=stride, padding=padding).double())
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(conv(x))
+    (want,) = torch.autograd.grad(conv(x), x, g)
+    pad = conv.padding
+    got = padded_input_gradient(g, conv.weight, conv.stride, (pad[0], pad[1]), size)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    got = padded_input_gradient(g, conv.weight, conv.stride, (pad[0], pad[1]), size)  # cached weight
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_method_follows_device_precision_and_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU: sub-pixel.  A device listed in ALIGNED_DEVICES (CUDA): sub-pixel when its C_in*s*s
+    channels are a multiple of 8, else the padded form for bf16 only; here the CPU stands in
+    for CUDA, and the hooks' gradient must be autograd's."""
+    from preimage.representations import input_conv
+
+    stride2 = _frozen(nn.Conv2d(3, 8, 7, stride=2))  # 12 sub-pixel channels
+    stride4 = _frozen(nn.Conv2d(3, 8, 11, stride=4))  # 48
+    x = torch.randn(2, 3, 29, 29, requires_grad=True)
+    assert input_conv.method(stride2, x) == "subpixel" and input_conv.method(stride4, x) == "subpixel"
+    monkeypatch.setattr(input_conv, "DEVICES", set())
+    monkeypatch.setattr(input_conv, "ALIGNED_DEVICES", {"cpu"})
+    assert input_conv.method(stride2, x) is None  # fp32, 12 channels: autograd's own
+    assert input_conv.method(stride4, x) == "subpixel"
+    fast = low_precision(stride2, torch.bfloat16, channels_last=True)
+    assert input_conv.method(fast, x) == "padded"
+    assert input_conv.method(low_precision(stride4, torch.bfloat16), x) == "subpixel"
+    xb = x.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn_like(fast(xb))
+    (want,) = torch.autograd.grad(fast(xb), xb, g)
+    with input_conv.SubpixelHooks([fast]):
+        out = fast(xb)
+    assert "SubpixelBackward" in type(out.grad_fn).__name__
+    (got,) = torch.autograd.grad(out, xb, g)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -18,9 +18,10 @@ Measured: 2-7x faster in bf16, 2.5-4.5x in fp32, the same values up to rounding
 :class:`~preimage.representations.cnn.ModuleCut` uses it in the Φ it hands the engine
 (``for_optimization``): hooks on the qualifying ``nn.Conv2d`` let the module compute its own
 output, detached, and attach this gradient instead of autograd's.  The forward values are the
-module's own; only the backward arithmetic differs.  CPU only (:data:`DEVICES`): on an H200
-the sub-pixel form beat cuDNN at batch 16 but was 2.8x slower in bf16 at batch 128 for the 7x7
-stride-2 layers (``benchmarks/first_conv.py``, ``benchmarks/README.md``), so CUDA keeps cuDNN's.
+module's own; only the backward arithmetic differs.  On CUDA cuDNN wants channel counts that
+are multiples of 8: :func:`method` takes the sub-pixel form where its channels are, and
+otherwise, in bf16, pads the image to 8 channels (:func:`padded_input_gradient`); see
+``benchmarks/first_conv.py`` and ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _kernels = WeakIdKeyDictionary()  # weight -> (its version, stride, sub-pixel ke
 
 
 DEVICES = {"cpu"}  # device types that get the sub-pixel backward (CUDA measured: see the docstring)
+ALIGNED_DEVICES = {"cuda"}  # device types whose kernels want channel counts that are multiples of PAD_TO
+PAD_TO = 8  # cuDNN's fast bf16 kernels want 8 channels: 3 made the backward 3-4x slower (H200)
 
 
 def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -110,24 +113,72 @@ def input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], of
     return full[..., top:top + H, left:left + W]
 
 
+def _padded_weight(weight: Tensor) -> Tensor:
+    """``weight`` with zero input channels up to :data:`PAD_TO`, in its memory layout (cached
+    per weight tensor and version, like :func:`_kernel`)."""
+    hit = _kernels.get(weight)
+    if hit is not None and hit[0] == weight._version and hit[1] == "padded":
+        return hit[2]
+    padded = F.pad(weight, (0, 0, 0, 0, 0, PAD_TO - weight.shape[1]))
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    _kernels[weight] = (weight._version, "padded", padded)
+    return padded
+
+
+def padded_input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], offset: tuple[int, int],
+                          size: tuple[int, int]) -> Tensor:
+    """:func:`input_gradient` as cuDNN's transposed convolution, with the image's channels padded
+    to :data:`PAD_TO` (zero weights; the extra channels' gradients are dropped)."""
+    full = F.conv_transpose2d(grad_out, _padded_weight(weight), stride=stride)
+    (top, left), (H, W) = offset, size
+    short_h, short_w = max(0, top + H - full.shape[-2]), max(0, left + W - full.shape[-1])
+    if short_h or short_w:  # input rows / columns no window reaches: zero gradient
+        full = F.pad(full, (0, short_w, 0, short_h))
+    return full[:, :weight.shape[1], top:top + H, left:left + W]
+
+
+def method(conv: nn.Conv2d, x: Tensor) -> str | None:
+    """How the input gradient of ``conv`` (one that :func:`qualifies`) at ``x`` is computed:
+    ``"subpixel"``, ``"padded"`` or None (autograd's own).
+
+    :data:`DEVICES` (the CPU): sub-pixel.  :data:`ALIGNED_DEVICES` (CUDA), measured on an H200
+    (``benchmarks/first_conv.py``): sub-pixel when its ``C_in*s*s`` output channels are a
+    multiple of :data:`PAD_TO` (AlexNet's stride 4: 48; bf16 at batch 16 / 128, 4.3x / 2.1x
+    faster than cuDNN's backward); else, in bf16 / fp16, the image padded to :data:`PAD_TO`
+    channels (stride 2, 12 sub-pixel channels: 2.8-3x faster at batch 16, the same at 128,
+    where the sub-pixel form was 2.8x slower); else autograd's.
+    """
+    device = x.device.type
+    if device in DEVICES:
+        return "subpixel"
+    if device in ALIGNED_DEVICES:
+        if conv.in_channels * conv.stride[0] * conv.stride[1] % PAD_TO == 0:
+            return "subpixel"
+        if conv.weight.dtype in (torch.bfloat16, torch.float16) and conv.in_channels < PAD_TO:
+            return "padded"
+    return None
+
+
 class _SubpixelBackward(torch.autograd.Function):
     """Identity on the convolution's (detached) output; its backward gives the input's gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, held: list[Tensor], weight: Tensor, stride: tuple[int, int],
-                offset: tuple[int, int]) -> Tensor:
+                offset: tuple[int, int], how: str = "subpixel") -> Tensor:
         # ``held``: the output, in a list so that autograd does not see an input returned as-is
         # (it would make a view of it, which an in-place ReLU after the convolution may not modify)
         ctx.save_for_backward(weight)
-        ctx.geometry = (stride, offset, tuple(x.shape[-2:]), x.dtype)
+        ctx.geometry = (stride, offset, tuple(x.shape[-2:]), x.dtype, how)
         return held[0]
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (weight,) = ctx.saved_tensors
-        stride, offset, size, dtype = ctx.geometry
-        grad = input_gradient(grad_out.to(weight.dtype), weight, stride, offset, size)
-        return grad.to(dtype), None, None, None, None
+        stride, offset, size, dtype, how = ctx.geometry
+        gradient = padded_input_gradient if how == "padded" else input_gradient
+        grad = gradient(grad_out.to(weight.dtype), weight, stride, offset, size)
+        return grad.to(dtype), None, None, None, None, None
 
 
 class SubpixelHooks:
@@ -138,22 +189,27 @@ class SubpixelHooks:
     def __init__(self, convs: list[nn.Conv2d]) -> None:
         self.convs = convs
         self._offsets = {id(c): _padding(c) for c in convs}
-        self._inputs: dict[int, Tensor] = {}
+        self._inputs: dict[int, tuple[Tensor, str]] = {}
         self._handles: list[Any] = []
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0] if args else None
-        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()) or x.device.type not in DEVICES:
-            return None  # nothing to back-propagate, or a device whose own backward is fast enough
-        self._inputs[id(module)] = x
+        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()):
+            return None  # nothing to back-propagate
+        assert isinstance(module, nn.Conv2d)
+        how = method(module, x)
+        if how is None:
+            return None  # a device whose own backward is fast enough
+        self._inputs[id(module)] = (x, how)
         return (x.detach(), *args[1:])  # the module computes its output without a graph
 
     def _post(self, module: nn.Module, _args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-        x = self._inputs.pop(id(module), None)
-        if x is None:
+        held = self._inputs.pop(id(module), None)
+        if held is None:
             return None
         assert isinstance(module, nn.Conv2d)
-        return _SubpixelBackward.apply(x, [out], module.weight, tuple(module.stride), self._offsets[id(module)])
+        x, how = held
+        return _SubpixelBackward.apply(x, [out], module.weight, tuple(module.stride), self._offsets[id(module)], how)
 
     def __enter__(self) -> "SubpixelHooks":
         for conv in self.convs:
