@@ -58,7 +58,7 @@ def measure(name: str, dtype: torch.dtype, batch: int, device: torch.device, rep
     x = torch.randn(batch, 3, size, size, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     grad = torch.ones_like(conv(x))
-    hooks = input_conv.SubpixelHooks([conv])
+    hooks = input_conv.InputGradientHooks([conv])
 
     def native() -> None:
         x.grad = None

@@ -86,7 +86,7 @@ def test_fp32_stride_2_first_convolution_on_cuda_keeps_cudnns_backward(monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("sub-pixel backward used")
 
-    monkeypatch.setattr(input_conv._SubpixelBackward, "apply", refuse)
+    monkeypatch.setattr(input_conv._InputGradient, "apply", refuse)
     rep = load_model("vgg-m").representation("conv1").to("cuda")
     phi = rep.for_optimization()
     assert phi.fast_input_gradient  # it qualifies; only the device keeps it off

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Geometry, Representation, RepresentationError
-from .input_conv import SubpixelHooks, qualifies
+from .input_conv import InputGradientHooks, qualifies
 
 
 class _Stop(Exception):
@@ -88,7 +88,7 @@ class ModuleCut(Representation):
         self._divide = bool((self.std != 1).any())  # Caffe models take 0..255 units as they are
         self.scale, self.bgr = float(scale), bgr
         self.channels_last = channels_last
-        self._subpixel: SubpixelHooks | None = None  # see for_optimization
+        self._input_gradient: InputGradientHooks | None = None  # see for_optimization
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
         self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
 
@@ -128,26 +128,27 @@ class ModuleCut(Representation):
         return self._run(x)
 
     def for_optimization(self) -> "ModuleCut":
-        """This cut with the image-facing strided convolutions back-propagated as sub-pixel
-        convolutions (:mod:`~preimage.representations.input_conv`: the same gradient, 2-7x
-        faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1); ``self`` when the model
-        has none."""
-        if self._subpixel is not None:
+        """This cut with the image-facing strided convolutions back-propagated by
+        :mod:`~preimage.representations.input_conv` (the same gradient: on the CPU as a sub-pixel
+        convolution, 2-7x faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1; on CUDA
+        in the form cuDNN runs fast); ``self`` when the model has none."""
+        if self._input_gradient is not None:
             return self
         convs = [m for m in self.model.modules() if qualifies(m)]
         if not convs:
             return self
         fast = copy.copy(self)  # shares the model and the buffers; only the hooks differ
-        fast._subpixel = SubpixelHooks(convs)
+        fast._input_gradient = InputGradientHooks(convs)
         return fast
 
     @property
     def fast_input_gradient(self) -> list[nn.Conv2d]:
-        """The convolutions back-propagated as sub-pixel convolutions (empty for ``self``)."""
-        return self._subpixel.convs if self._subpixel is not None else []
+        """The convolutions whose input gradient :mod:`~.input_conv` computes (empty for ``self``;
+        which form, if any, each takes is decided per device and precision at run time)."""
+        return self._input_gradient.convs if self._input_gradient is not None else []
 
     def _run(self, x: Tensor) -> Tensor:
-        with self._subpixel if self._subpixel is not None else contextlib.nullcontext():
+        with self._input_gradient if self._input_gradient is not None else contextlib.nullcontext():
             if self.layer == "":
                 return self.model(x)
             handle = self._target.register_forward_hook(_capture)

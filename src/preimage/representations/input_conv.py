@@ -160,8 +160,9 @@ def method(conv: nn.Conv2d, x: Tensor) -> str | None:
     return None
 
 
-class _SubpixelBackward(torch.autograd.Function):
-    """Identity on the convolution's (detached) output; its backward gives the input's gradient."""
+class _InputGradient(torch.autograd.Function):
+    """Identity on the convolution's (detached) output; its backward gives the input's gradient
+    (``how``: ``"subpixel"``, :func:`input_gradient`, or ``"padded"``, :func:`padded_input_gradient`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, held: list[Tensor], weight: Tensor, stride: tuple[int, int],
@@ -181,10 +182,11 @@ class _SubpixelBackward(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None, None
 
 
-class SubpixelHooks:
+class InputGradientHooks:
     """Forward hooks that give the convolutions in ``convs`` (each one that :func:`qualifies`) the
-    sub-pixel input gradient for the duration of a ``with`` block (installed and removed around
-    each forward pass; the object is reused across passes)."""
+    input gradient :func:`method` picks (sub-pixel, or padded to 8 channels) for the duration of
+    a ``with`` block (installed and removed around each forward pass; the object is reused
+    across passes)."""
 
     def __init__(self, convs: list[nn.Conv2d]) -> None:
         self.convs = convs
@@ -209,9 +211,9 @@ class SubpixelHooks:
             return None
         assert isinstance(module, nn.Conv2d)
         x, how = held
-        return _SubpixelBackward.apply(x, [out], module.weight, tuple(module.stride), self._offsets[id(module)], how)
+        return _InputGradient.apply(x, [out], module.weight, tuple(module.stride), self._offsets[id(module)], how)
 
-    def __enter__(self) -> "SubpixelHooks":
+    def __enter__(self) -> "InputGradientHooks":
         for conv in self.convs:
             self._handles.append(conv.register_forward_pre_hook(self._pre))
             self._handles.append(conv.register_forward_hook(self._post, prepend=True))
