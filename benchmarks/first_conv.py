@@ -47,7 +47,8 @@ def padded(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> None:
     """Forward + the 8-channel input gradient (:func:`input_conv.padded_input_gradient`)."""
     with torch.no_grad():
         conv(x)
-        input_conv.padded_input_gradient(grad, conv.weight, tuple(conv.stride), (0, 0), tuple(x.shape[-2:]))
+        offset = (int(conv.padding[0]), int(conv.padding[1]))
+        input_conv.padded_input_gradient(grad, conv.weight, tuple(conv.stride), offset, tuple(x.shape[-2:]))
 
 
 def measure(name: str, dtype: torch.dtype, batch: int, device: torch.device, reps: int) -> dict:

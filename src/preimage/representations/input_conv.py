@@ -26,6 +26,7 @@ otherwise, in bf16, pads the image to 8 channels (:func:`padded_input_gradient`)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ MAX_IN_CHANNELS = 4  # image-facing convolutions only (gray, RGB, RGBA): for wid
 # backward is as fast as its forward and the sub-pixel form slower (VGG-M conv2 in bf16 at batch 8:
 # 3.1 against 5.7 ms; a ResNet-style 3x3 stride-2 64 -> 128: 0.54 against 1.67 ms)
 
-_kernels = WeakIdKeyDictionary()  # weight -> (its version, stride, sub-pixel kernel)
+_kernels = WeakIdKeyDictionary()  # weight -> (its version, kind, derived kernel): see _cached
 
 
 DEVICES = {"cpu"}  # device types that get the sub-pixel backward (CUDA measured: see the docstring)
@@ -84,15 +85,25 @@ def subpixel_kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
     return kernel.contiguous(memory_format=layout)
 
 
-def _kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
-    """:func:`subpixel_kernel`, rebuilt only when the weights change (0.12 ms per step saved on
-    AlexNet conv1: 6 % of a batch-1 step in bf16)."""
+def _cached(weight: Tensor, kind: object, build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, made once per weight tensor and ``kind`` and rebuilt only when the weights
+    change in place (0.12 ms per step saved on AlexNet conv1: 6 % of a batch-1 step in bf16)."""
     hit = _kernels.get(weight)
-    if hit is not None and hit[0] == weight._version and hit[1] == stride:
+    if hit is not None and hit[0] == weight._version and hit[1] == kind:
         return hit[2]
-    kernel = subpixel_kernel(weight, stride)
-    _kernels[weight] = (weight._version, stride, kernel)
+    kernel = build()
+    _kernels[weight] = (weight._version, kind, kernel)
     return kernel
+
+
+def _crop(full: Tensor, offset: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """The input's ``size`` window of the padded input's gradient ``full``, ``offset`` the (top,
+    left) padding; rows / columns no window reached (beyond ``full``) get zero gradient."""
+    (top, left), (H, W) = offset, size
+    short_h, short_w = max(0, top + H - full.shape[-2]), max(0, left + W - full.shape[-1])
+    if short_h or short_w:
+        full = F.pad(full, (0, short_w, 0, short_h))
+    return full[..., top:top + H, left:left + W]
 
 
 def input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], offset: tuple[int, int],
@@ -100,42 +111,28 @@ def input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], of
     """The gradient of ``conv2d(pad(x), weight, stride)`` with respect to ``x`` ``(N, C_in, *size)``,
     given the output's gradient; ``offset`` is the (top, left) padding."""
     sh, sw = stride
-    kernel = _kernel(weight, stride)
+    kernel = _cached(weight, stride, lambda: subpixel_kernel(weight, stride))
     Mh, Mw = kernel.shape[-2:]
     phases = F.conv2d(grad_out, kernel, padding=(Mh - 1, Mw - 1))  # (N, C_in*sh*sw, Qh, Qw)
     n, _, Qh, Qw = phases.shape
     ci = weight.shape[1]
     full = phases.view(n, ci, sh, sw, Qh, Qw).permute(0, 1, 4, 2, 5, 3).reshape(n, ci, Qh * sh, Qw * sw)
-    (top, left), (H, W) = offset, size
-    short_h, short_w = max(0, top + H - Qh * sh), max(0, left + W - Qw * sw)
-    if short_h or short_w:  # input rows / columns no window reaches: zero gradient
-        full = F.pad(full, (0, short_w, 0, short_h))
-    return full[..., top:top + H, left:left + W]
+    return _crop(full, offset, size)
 
 
-def _padded_weight(weight: Tensor) -> Tensor:
-    """``weight`` with zero input channels up to :data:`PAD_TO`, in its memory layout (cached
-    per weight tensor and version, like :func:`_kernel`)."""
-    hit = _kernels.get(weight)
-    if hit is not None and hit[0] == weight._version and hit[1] == "padded":
-        return hit[2]
+def padded_weight(weight: Tensor) -> Tensor:
+    """``weight`` with zero input channels up to :data:`PAD_TO`, in its memory layout."""
     padded = F.pad(weight, (0, 0, 0, 0, 0, PAD_TO - weight.shape[1]))
-    if weight.is_contiguous(memory_format=torch.channels_last):
-        padded = padded.contiguous(memory_format=torch.channels_last)
-    _kernels[weight] = (weight._version, "padded", padded)
-    return padded
+    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return padded.contiguous(memory_format=layout)
 
 
 def padded_input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], offset: tuple[int, int],
                           size: tuple[int, int]) -> Tensor:
     """:func:`input_gradient` as cuDNN's transposed convolution, with the image's channels padded
     to :data:`PAD_TO` (zero weights; the extra channels' gradients are dropped)."""
-    full = F.conv_transpose2d(grad_out, _padded_weight(weight), stride=stride)
-    (top, left), (H, W) = offset, size
-    short_h, short_w = max(0, top + H - full.shape[-2]), max(0, left + W - full.shape[-1])
-    if short_h or short_w:  # input rows / columns no window reaches: zero gradient
-        full = F.pad(full, (0, short_w, 0, short_h))
-    return full[:, :weight.shape[1], top:top + H, left:left + W]
+    full = F.conv_transpose2d(grad_out, _cached(weight, "padded", lambda: padded_weight(weight)), stride=stride)
+    return _crop(full[:, :weight.shape[1]], offset, size)
 
 
 def method(conv: nn.Conv2d, x: Tensor) -> str | None:
