@@ -267,35 +267,40 @@ common_rep = [
                  help="Arithmetic of a --model network (bf16: several times faster on AMX CPUs and GPUs; "
                       "image and optimizer stay fp32)."),
 ]
-def _set_compile(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:  # without the flag, PREIMAGE_COMPILE still decides
-        fused.set_default(True)
+def _announce(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _set_compile(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool | None:
+    fused.announce = _announce
+    if value is not None:  # without the flag, PREIMAGE_COMPILE, else the engine's default decides
+        fused.set_default(value)
     return value
 
 
 BATCH_HELP = ("Images inverted and saved together (resume granularity); the engine may optimize them in "
               "smaller batches that stay in the CPU caches.")
 compile_opt = click.option(
-    "--compile", is_flag=True, expose_value=False, callback=_set_compile,
-    help="Fuse each step's image-side work and its loss into torch.compile'd kernels: faster for long "
-         "runs (and on GPUs), ~15 s of compilation the first time.")
+    "--compile/--no-compile", default=None, expose_value=False, callback=_set_compile,
+    help="Fuse each step's image-side work and its loss into compiled kernels: preimage's C kernels on "
+         "the CPU (the default there when a C compiler is present; built once, ~1 s), torch.compile's on "
+         "a GPU (~15 s of compilation the first time). --no-compile: plain PyTorch operations.")
 
 
 def _set_compile_long(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool:
+    fused.announce = _announce
     if value is None:  # long runs: on, unless PREIMAGE_COMPILE says otherwise
         value = fused.environment() is not False
     fused.set_default(value)
-    if value:
-        click.echo("compiling the engine step with torch.compile (~15 s the first time, cached after; "
-                   "--no-compile to skip)", err=True)
     return value
 
 
 long_compile_opt = click.option(
     "--compile/--no-compile", default=None, expose_value=False, callback=_set_compile_long,
-    help="Fuse each step's image-side work and its loss into torch.compile'd kernels (10-35 % faster "
-         "steps on CPU; ~15 s of compilation the first time, cached by torch). On by default for this "
-         "long-running command; PREIMAGE_COMPILE=0 also turns it off.")
+    help="Fuse each step's image-side work and its loss into compiled kernels: preimage's C kernels on "
+         "the CPU (built once, ~1 s), torch.compile's on a GPU (~15 s of compilation the first time, "
+         "cached by torch). On by default for this long-running command; PREIMAGE_COMPILE=0 also turns "
+         "it off.")
 common_opt = [
     click.option("--C", "C", type=float, default=100.0, show_default=True, help="Loss weight C of eq. (1)."),
     click.option("--iterations", type=click.IntRange(0), default=300, show_default=True, help="Iterations at eta0."),

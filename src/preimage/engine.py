@@ -248,11 +248,12 @@ def optimize_batch(
         device: where to compute; defaults to the representation's device.
         callback: called as ``callback(t, total, batch_mean_energies)`` every
             ``callback_every`` iterations and at the last one.
-        compile: run the regularizers, Algorithm 1 and the projection as one kernel compiled
-            by ``torch.compile`` (:mod:`preimage.fused`; beta = 2 only, else ignored), and the
-            L2 loss's value and gradient as another.  Same results up to float rounding; pays
-            off for long runs and on GPUs.  None: the process default
-            (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``).
+        compile: run the regularizers, Algorithm 1 and the projection as one kernel (beta = 2
+            only, else ignored), and the L2 loss's value and gradient as another
+            (:mod:`preimage.fused`): preimage's C kernels on the CPU (:mod:`preimage.native`),
+            ``torch.compile``'s elsewhere.  Same results up to float rounding.  None: the process
+            default (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``), else on for the
+            CPU when the C kernels are available.  False: plain PyTorch operations.
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
@@ -284,7 +285,7 @@ def optimize_batch(
         prm.requires_grad_(False)
     phi = representation.for_optimization() if isinstance(representation, Representation) else representation
 
-    compile_loss = fused.wanted(compile)
+    compile_loss = fused.wanted(compile, device)
     compiled = compile_loss and tv.beta == 2.0
     value_and_grad = getattr(loss, "value_and_grad", None)
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step

@@ -1,7 +1,9 @@
 """The engine step's own arithmetic as compiled kernels (issue 5, ``compile=True``).
 
 Two kernels: the image-side half of a step (:func:`fused_update`) and the inversion loss's value
-and gradient (:func:`squared_distance`).
+and gradient (:func:`squared_distance`).  On the CPU they run as preimage's own C kernels
+(:mod:`preimage.native`: one pass over memory each, 3-4x faster than inductor's code for the
+update), and through ``torch.compile`` where those do not apply (CUDA, no C compiler).
 
 After the backward pass through Φ, every iteration adds the regularizers' gradients (eqs. 5-6
 and TV^beta), runs Algorithm 1 (lines 5-7) and projects onto the ``B+`` ball (line 8).  Eagerly
@@ -20,11 +22,14 @@ traced as they are, their slice updates fuse less well (measured: a 27 % slower 
 torch afterwards, ~3 s), so it pays for long runs (many images, layers or units) and on GPUs;
 if it fails (no C++ compiler, an unsupported platform) the engine warns once and stays eager.
 
-Off by default in the API; on per call (``optimize(..., compile=True)``, the same argument of
+On per call (``optimize(..., compile=True)``, the same argument of
 :func:`~preimage.visualizations.invert` and friends), for the process (:func:`set_default`,
-the CLI's ``--compile``) or from the environment (``PREIMAGE_COMPILE=1``).  The long CLI
-commands (``table4``, ``table5``, ``figures``) turn it on unless ``--no-compile`` or
-``PREIMAGE_COMPILE=0``.
+the CLI's ``--compile``) or from the environment (``PREIMAGE_COMPILE=1``); off the same ways
+(``compile=False``, ``--no-compile``, ``PREIMAGE_COMPILE=0``: plain PyTorch operations).
+Where nothing says, it is on for the CPU when the C kernels are available (they cost ~1 s to
+build, once per machine) and off elsewhere: ``torch.compile`` is never started unasked.  The
+long CLI commands (``table4``, ``table5``, ``figures``) turn it on everywhere unless
+``--no-compile`` or ``PREIMAGE_COMPILE=0``.
 """
 
 from __future__ import annotations
@@ -36,12 +41,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import native
+
 Update = Callable[..., tuple[Tensor, Tensor]]
 
 _kernels: dict[Update, Update] = {}  # function -> its torch.compile'd kernel
 _rates: dict[tuple[float, torch.device], Tensor] = {}  # step sizes as tensors, made once per device
 _broken: str | None = None
 _default: bool | None = None  # set_default's value; None: PREIMAGE_COMPILE decides
+announce: Callable[[str], None] | None = None  # told once when torch.compile starts (the CLI prints it)
+_announced = False
 
 
 def environment() -> bool | None:
@@ -56,12 +65,16 @@ def set_default(on: bool) -> None:
     _default = bool(on)
 
 
-def wanted(compile: bool | None) -> bool:
+def wanted(compile: bool | None, device: torch.device | str | None = None) -> bool:
     """``compile``, or the process default when it is None: :func:`set_default`'s value, else
-    ``PREIMAGE_COMPILE``, else off."""
+    ``PREIMAGE_COMPILE``, else whether ``device`` is the CPU and the C kernels
+    (:mod:`preimage.native`) are available."""
     if compile is not None:
         return bool(compile)
-    return _default if _default is not None else bool(environment())
+    said = _default if _default is not None else environment()
+    if said is not None:
+        return said
+    return device is not None and torch.device(device).type == "cpu" and native.library(quiet=True) is not None
 
 
 def active() -> bool:
@@ -112,8 +125,13 @@ def _run(fn: Update, *args: object, **kwargs: object) -> tuple[Tensor, Tensor] |
     once compilation has failed (nothing has been modified then)."""
     if _broken is not None:
         return None
+    global _announced
     kernel = _kernels.get(fn)
     if kernel is None:
+        if announce is not None and not _announced:
+            _announced = True
+            announce("compiling the engine step with torch.compile (~15 s the first time, cached after; "
+                     "--no-compile to skip)")
         kernel = _kernels[fn] = torch.compile(fn, dynamic=None)
     try:
         return kernel(*args, **kwargs)
@@ -124,8 +142,13 @@ def _run(fn: Update, *args: object, **kwargs: object) -> tuple[Tensor, Tensor] |
 
 
 def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
-    """:func:`fused_update` through the compiled kernel (see :func:`_run`); ``lr`` goes in as a
-    tensor, so that a new stage's rate does not recompile."""
+    """:func:`fused_update` through the C kernel on the CPU (:func:`preimage.native.update`),
+    else through the compiled kernel (see :func:`_run`); ``lr`` goes in as a tensor, so that a
+    new stage's rate does not recompile."""
+    if x.device.type == "cpu":
+        out = native.update(x, grad, G, mu, lr, **constants)
+        if out is not None:
+            return out
     key = (lr, x.device)
     rate = _rates.get(key)
     if rate is None:  # a host-to-device copy per step otherwise (measurable on a GPU at batch 1)
@@ -158,7 +181,12 @@ def loss_step(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tens
     view, which is contiguous: the kernel then sums each element's row in memory order.  Given
     the ``(N, C, H, W)`` view, Triton's reduction read it across the channel stride: 5.3 ms of a
     15 ms step at VGG-VD-16 conv1_1 in bf16, batch 128, on an H200 (benchmarks/README.md).
+    On the CPU the C kernel (:func:`preimage.native.squared_distance`) runs instead.
     """
+    if code.device.type == "cpu":
+        done = native.squared_distance(code, target, scale)
+        if done is not None:
+            return done
     last = code.dim() == 4 and not code.is_contiguous() and code.is_contiguous(memory_format=torch.channels_last)
     if not last:
         return _run(squared_distance, code, target, scale)

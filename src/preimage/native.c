@@ -1,0 +1,231 @@
+/* The engine step's own arithmetic for the CPU, in one pass over memory each (see native.py).
+ *
+ * preimage_update: the regularizers' gradients (N_alpha, eq. 5; TV^2, eq. 6 with beta = 2),
+ *   Algorithm 1 (lines 5-7) and the projection onto the B+ ball (line 8), in place on the canvas
+ *   x (N, C, H, W) and Algorithm 1's state G, mu; the same arithmetic as fused.fused_update.
+ * preimage_l2_f32 / preimage_l2_bf16: the inversion loss (eq. 2) per element,
+ *   scale[n] * ||code - target||^2, and its gradient 2 * scale[n] * (code - target), as
+ *   fused.squared_distance.
+ *
+ * Each reads its inputs once and writes its outputs once; inner loops run over the image's
+ * columns (or the code's memory) and are vectorized by the compiler.  Threads (OpenMP) share
+ * contiguous ranges of rows (or of memory); per-element sums go through per-thread partial sums.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+static int omp_thread(void) { return omp_get_thread_num(); }
+static int omp_threads(void) { return omp_get_num_threads(); }
+#else
+static int omp_thread(void) { return 0; }
+static int omp_threads(void) { return 1; }
+#endif
+
+/* one old row of the canvas, all channels, with its first and last columns repeated on either
+ * side: differences across the image border are then exactly zero, as in the padded form */
+static void load_row(float *dst, const float *x, int64_t C, int64_t HW, int64_t W, int64_t stride) {
+    for (int64_t c = 0; c < C; c++) {
+        float *d = dst + c * stride;
+        memcpy(d + 1, x + c * HW, (size_t)W * sizeof(float));
+        d[0] = d[1];
+        d[W + 1] = d[W];
+    }
+}
+
+int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N, int64_t C, int64_t H,
+                     int64_t W, double alpha, double B, double B_plus, double V, double lambda_alpha,
+                     double lambda_tv, double rho, float lr, float *e_range, float *e_tv, int threads) {
+    const int64_t HW = H * W, rows = N * H, stride = W + 2;
+    const float inv_B2 = (float)(1.0 / (B * B));
+    const float ra = (float)(lambda_alpha * alpha / (B * B * (double)HW));
+    const float k = (float)(1.0 / (V * V * (double)HW));
+    const float rt = (float)(2.0 * (1.0 / (V * V * (double)HW)) * lambda_tv);
+    const float rho_f = (float)rho, bp = (float)B_plus, inv_lr = 1.0f / lr;
+    const float half_alpha_m1 = (float)(alpha / 2 - 1);
+    const int alpha6 = alpha == 6.0;
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = (int)rows;
+    int failed = 0;
+    double *sums = calloc((size_t)threads * (size_t)N * 2, sizeof(double));
+    float *halo = malloc((size_t)threads * 2 * (size_t)C * (size_t)stride * sizeof(float));
+    if (!sums || !halo) {
+        free(sums);
+        free(halo);
+        return 1; /* out of memory */
+    }
+
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_thread(), nt = omp_threads();
+        const int64_t start = rows * t / nt, end = rows * (t + 1) / nt;
+        float *up_halo = halo + (size_t)t * 2 * C * stride, *down_halo = up_halo + C * stride;
+        /* the rows this range reads but a neighbouring thread rewrites: copied before anyone writes */
+        if (start < end && start % H != 0)
+            load_row(up_halo, x + (start / H) * C * HW + (start % H - 1) * W, C, HW, W, stride);
+        if (start < end && end % H != 0 && end < rows)
+            load_row(down_halo, x + (end / H) * C * HW + (end % H) * W, C, HW, W, stride);
+#pragma omp barrier
+        float *buf = malloc((size_t)(3 * C * stride + C * W + 3 * W) * sizeof(float));
+        if (buf && start < end) {
+            float *prev = buf, *cur = buf + C * stride, *next = buf + 2 * C * stride;
+            float *xn = buf + 3 * C * stride, *s = xn + C * W, *p = s + W, *nrm = p + W;
+            double *er = sums + (size_t)t * N * 2, *et = er + N;
+            int have_prev = 0;
+            for (int64_t r = start; r < end; r++) {
+                const int64_t n = r / H, h = r % H, base = n * C * HW + h * W;
+                if (r == start || h == 0) load_row(cur, x + base, C, HW, W, stride);
+                if (h == 0) {
+                    have_prev = 0;
+                } else if (r == start) {
+                    memcpy(prev, up_halo, (size_t)C * stride * sizeof(float));
+                    have_prev = 1;
+                }
+                const float *up = have_prev ? prev : cur;
+                const float *down = cur;
+                if (h < H - 1) {
+                    if (r + 1 == end) memcpy(next, down_halo, (size_t)C * stride * sizeof(float));
+                    else load_row(next, x + base + W, C, HW, W, stride);
+                    down = next;
+                }
+                /* N_alpha: s = ||x||^2 / B^2, p = s^(alpha/2 - 1) */
+                for (int64_t w = 0; w < W; w++) s[w] = 0.0f;
+                for (int64_t c = 0; c < C; c++) {
+                    const float *xc = cur + c * stride + 1;
+#pragma omp simd
+                    for (int64_t w = 0; w < W; w++) s[w] += xc[w] * xc[w];
+                }
+                float acc_r = 0.0f, acc_t = 0.0f;
+#pragma omp simd reduction(+ : acc_r)
+                for (int64_t w = 0; w < W; w++) {
+                    const float sw = s[w] * inv_B2;
+                    const float pw = alpha6 ? sw * sw : powf(sw, half_alpha_m1);
+                    p[w] = pw * ra;
+                    acc_r += pw * sw;
+                    nrm[w] = 0.0f;
+                }
+                for (int64_t c = 0; c < C; c++) {
+                    const float *xc = cur + c * stride + 1, *uc = up + c * stride + 1, *dc = down + c * stride + 1;
+                    const float *gc = grad + base + c * HW;
+                    float *Gc = G + base + c * HW, *mc = mu + base + c * HW, *xnc = xn + c * W;
+#pragma omp simd reduction(+ : acc_t)
+                    for (int64_t w = 0; w < W; w++) {
+                        const float dl = xc[w] - xc[w - 1], dr = xc[w + 1] - xc[w];
+                        const float du = xc[w] - uc[w], dd = dc[w] - xc[w];
+                        acc_t += dr * dr + dd * dd;
+                        const float lap = dl - dr + du - dd;
+                        const float g = gc[w] + xc[w] * p[w] + lap * rt;
+                        const float Gw = Gc[w] * rho_f + g * g;
+                        const float mw = mc[w] * rho_f - g / (sqrtf(Gw) + inv_lr);
+                        const float xw = xc[w] + mw;
+                        Gc[w] = Gw;
+                        mc[w] = mw;
+                        xnc[w] = xw;
+                        nrm[w] += xw * xw;
+                    }
+                }
+                /* projection onto the B+ ball, per pixel */
+#pragma omp simd
+                for (int64_t w = 0; w < W; w++) {
+                    const float nw = sqrtf(nrm[w]);
+                    nrm[w] = bp / (nw > bp ? nw : bp);
+                }
+                for (int64_t c = 0; c < C; c++) {
+                    float *out = x + base + c * HW;
+                    const float *xnc = xn + c * W;
+#pragma omp simd
+                    for (int64_t w = 0; w < W; w++) out[w] = xnc[w] * nrm[w];
+                }
+                er[n] += acc_r;
+                et[n] += acc_t;
+                /* roll the old rows: this row becomes the previous one */
+                float *tmp = prev;
+                prev = cur;
+                cur = next;
+                next = tmp;
+                have_prev = 1;
+            }
+        } else if (!buf && start < end) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        free(buf);
+    }
+    for (int64_t n = 0; n < N; n++) {
+        double a = 0.0, b = 0.0;
+        for (int t = 0; t < threads; t++) {
+            a += sums[(size_t)t * N * 2 + n];
+            b += sums[(size_t)t * N * 2 + N + n];
+        }
+        e_range[n] = (float)(a / (double)HW);
+        e_tv[n] = (float)(b * (double)k);
+    }
+    free(sums);
+    free(halo);
+    return failed;
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even, as torch; NaN stays a (quiet) NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7fc0u : r);
+}
+
+#define BLOCK 4096
+
+/* code, target, grad: N elements of M values each, element n at offset n * M (any layout whose
+ * batch stride is M: contiguous or channels-last). */
+#define L2_KERNEL(NAME, T, LOAD, STORE)                                                                   \
+    int NAME(const T *code, const T *target, const float *scale, T *grad, float *value, int64_t N,     \
+              int64_t M, int threads) {                                                                 \
+        const int64_t total = N * M;                                                                    \
+        if (threads < 1) threads = 1;                                                                   \
+        double *sums = calloc((size_t)threads * (size_t)N, sizeof(double));                            \
+        if (!sums) {                                                                                    \
+            return 1;                                                                                   \
+        }                                                                                               \
+        _Pragma("omp parallel num_threads(threads)") {                                                  \
+            const int t = omp_thread(), nt = omp_threads();                                             \
+            int64_t i = total * t / nt;                                                                 \
+            const int64_t end = total * (t + 1) / nt;                                                   \
+            double *part = sums + (size_t)t * N;                                                        \
+            while (i < end) {                                                                           \
+                const int64_t n = i / M;                                                                \
+                int64_t stop = (n + 1) * M < end ? (n + 1) * M : end;                                   \
+                if (stop - i > BLOCK) stop = i + BLOCK;                                                 \
+                const float two_s = 2.0f * scale[n];                                                    \
+                float acc = 0.0f;                                                                       \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t j = i; j < stop; j++) {             \
+                    const float d = LOAD(code[j]) - LOAD(target[j]);                                    \
+                    acc += d * d;                                                                       \
+                    grad[j] = STORE(d * two_s);                                                         \
+                }                                                                                       \
+                part[n] += acc;                                                                         \
+                i = stop;                                                                               \
+            }                                                                                           \
+        }                                                                                               \
+        for (int64_t n = 0; n < N; n++) {                                                               \
+            double a = 0.0;                                                                             \
+            for (int t = 0; t < threads; t++) a += sums[(size_t)t * N + n];                             \
+            value[n] = (float)a * scale[n];                                                             \
+        }                                                                                               \
+        free(sums);                                                                                     \
+        return 0;                                                                                       \
+    }
+
+
+#define SAME(v) (v)
+L2_KERNEL(preimage_l2_f32, float, SAME, SAME)
+L2_KERNEL(preimage_l2_bf16, uint16_t, bf16_to_f32, f32_to_bf16)

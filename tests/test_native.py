@@ -1,0 +1,183 @@
+"""preimage's C kernels for the CPU step (preimage.native, issue 5): the same numbers as the
+PyTorch formulation they replace, on odd shapes and thread counts; built once and cached; a
+missing compiler costs a fallback, never a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from preimage import fused, native
+from preimage.defaults import PAPER
+from preimage.engine import Stage, optimize
+from preimage.objectives import L2Loss
+from preimage.representations import make_representation
+
+CONSTANTS = dict(alpha=6.0, B=80.0, B_plus=160.0, V=80 / 6.5, lambda_alpha=1.0, lambda_tv=1.0, rho=0.9)
+
+needs_library = pytest.mark.skipif(native.library(quiet=True) is None,
+                                   reason=f"the C kernels cannot be built here: {native.failure()}")
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 21), (1, 3, 1, 9), (3, 1, 8, 1), (4, 3, 5, 6), (1, 3, 40, 33)])
+@pytest.mark.parametrize("alpha", [6.0, 4.0])
+def test_update_is_fused_update(shape: tuple[int, ...], alpha: float, threads: int) -> None:
+    """Regularizers + Algorithm 1 + projection: the C kernel follows fused_update (the PyTorch
+    formulation, itself tested against the eager step) for several steps, including image
+    borders, one-row / one-column images and row ranges split between threads mid-image."""
+    torch.manual_seed(0)
+    x0 = torch.randn(shape) * 90  # some pixels beyond B+ = 160: the projection acts
+    grads = [torch.randn(shape) * 1e-2 for _ in range(4)]
+    constants = CONSTANTS | {"alpha": alpha}
+    ref = [x0.clone(), torch.zeros(shape), torch.zeros(shape)]
+    out = [x0.clone(), torch.zeros(shape), torch.zeros(shape)]
+    for g in grads:
+        e_ref = fused.fused_update(ref[0], g.clone(), ref[1], ref[2], lr=torch.tensor(5.0), **constants)
+        e_out = native.update(out[0], g.clone(), out[1], out[2], 5.0, **constants)
+        assert e_out is not None
+        for a, b in zip(e_out, e_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    for a, b in zip(out, ref):  # x, G, mu
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (out[0].square().sum(1).sqrt() <= 160 * (1 + 1e-5)).all()
+
+
+@needs_library
+def test_update_declines_what_it_does_not_handle() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    G, mu = torch.zeros_like(x), torch.zeros_like(x)
+    assert native.update(x.double(), x.double(), G.double(), mu.double(), 1.0, **CONSTANTS) is None
+    wide = torch.randn(2, 3, 8, 16)[..., ::2]  # not contiguous
+    assert native.update(wide, x, G, mu, 1.0, **CONSTANTS) is None
+    assert native.update(x, x[:1], G, mu, 1.0, **CONSTANTS) is None
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("N", [1, 3])
+def test_loss_is_squared_distance(dtype: torch.dtype, layout: torch.memory_format, N: int, threads: int) -> None:
+    """The L2 loss and its gradient: the values within fp32 rounding, the gradient bit for bit
+    (bf16 rounded to nearest even, as torch), in the code's layout."""
+    torch.manual_seed(1)
+    code = torch.randn(N, 16, 9, 7).to(dtype).contiguous(memory_format=layout)
+    target = torch.randn(N, 16, 9, 7).to(dtype).contiguous(memory_format=layout)
+    scale = torch.rand(N) + 0.5
+    ref_values, ref_grad = fused.squared_distance(code, target, scale)
+    done = native.squared_distance(code, target, scale)
+    assert done is not None
+    values, grad = done
+    torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=0)
+    assert grad.dtype == dtype and grad.stride() == code.stride()
+    assert torch.equal(grad, ref_grad)
+
+
+@needs_library
+def test_loss_keeps_nan_and_declines_other_inputs() -> None:
+    code = torch.randn(2, 4, 3, 3).bfloat16()
+    target = torch.zeros_like(code)
+    code[1, 2, 1, 1] = float("nan")
+    values, grad = native.squared_distance(code, target, torch.ones(2))
+    assert values[0].isfinite() and values[1].isnan()  # the engine then stops with a clear error
+    assert grad[1, 2, 1, 1].isnan() and grad.isnan().sum() == 1
+    assert native.squared_distance(code.half(), target.half(), torch.ones(2)) is None  # fp16: not on CPUs here
+    nhwc = target.contiguous(memory_format=torch.channels_last)
+    assert native.squared_distance(code, nhwc, torch.ones(2)) is None  # layouts differ
+    assert native.squared_distance(code[:, ::2], target[:, ::2], torch.ones(2)) is None  # not dense
+
+
+@needs_library
+def test_engine_runs_the_c_kernels_on_the_cpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing said: the CPU engine fuses its step with the C kernels, never with torch.compile,
+    and follows the plain PyTorch trajectory."""
+    def no_inductor(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.compile was started")
+
+    monkeypatch.setattr(fused, "_run", no_inductor)
+    monkeypatch.setattr(fused, "_default", None)
+    monkeypatch.delenv("PREIMAGE_COMPILE", raising=False)
+    rep = make_representation("hog")
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 1, 48, 48) * 255 - 128
+    with torch.no_grad():
+        loss = L2Loss(rep(x0))
+    stages = [Stage(4), Stage(2, lr_factor=0.1, jitter=False)]
+    fast = optimize(rep, loss, (48, 48), [0, 1], PAPER, stages)
+    plain = optimize(rep, loss, (48, 48), [0, 1], PAPER, stages, compile=False)
+    assert fast.compiled and not plain.compiled
+    for term in ("loss", "bounded_range", "tv", "total"):
+        torch.testing.assert_close(fast.energy[term], plain.energy[term], rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(fast.x, plain.x, rtol=0, atol=0.5)
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@needs_library
+def test_built_once_per_machine_into_the_cache(tmp_path: Path) -> None:
+    """The first process builds the library into $PREIMAGE_CACHE (no temporary file left); the
+    next loads it without building."""
+    probe = "from preimage import native; print(native.library() is not None)"
+    first = _python(probe, {"PREIMAGE_CACHE": str(tmp_path)})
+    assert first.stdout.strip() == "True", first.stderr
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    again = _python(probe, {"PREIMAGE_CACHE": str(tmp_path), "CC": "/nonexistent/cc-is-not-needed"})
+    assert again.stdout.strip() == "True", again.stderr
+    assert built[0].stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built[0].name]
+
+
+def test_without_a_compiler_the_engine_still_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler: the default quietly stays plain PyTorch; asking for the fused step warns
+    once and names the reason."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.setattr(fused, "_default", None)
+    monkeypatch.delenv("PREIMAGE_COMPILE", raising=False)
+    monkeypatch.setenv("PREIMAGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.wanted(None, "cpu") is False  # quiet
+    with pytest.warns(RuntimeWarning, match=r"C kernels are unavailable, using torch.compile's: .*no-such-cc"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert native.library() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'native.c:1: error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("PREIMAGE_CACHE", str(cache))
+    monkeypatch.setenv("CC", str(broken))
+    assert native.library(quiet=True) is None
+    assert "this compiler is broken" in (native.failure() or "")
+    assert list(cache.iterdir()) == []
