@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from preimage import fused
 from preimage.allocator import keep_freed_memory
 from preimage.defaults import PAPER
 from preimage.engine import Stage, optimize
@@ -243,7 +244,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup: int, iters: int,
-                device: torch.device, compile: bool = False) -> float:
+                device: torch.device, compile: bool | None = None) -> float:
     """Seconds per engine step (whole batch): ``iters`` steps of one :func:`optimize` call after ``warmup``.
 
     Time stamps are taken in the engine's callback, called every ``gcd(warmup, iters)`` steps,
@@ -305,7 +306,7 @@ def count_flops(rep: Representation, batch: int, size: int, device: torch.device
     return int(counter.get_total_flops())
 
 
-def time_full_inversion(rep: Representation, photos: Tensor, device: torch.device, compile: bool = False) -> float:
+def time_full_inversion(rep: Representation, photos: Tensor, device: torch.device, compile: bool | None = None) -> float:
     """Seconds for the default inversion (300 + 50 iterations) of the whole batch, target code included."""
     from preimage.visualizations import invert
 
@@ -364,7 +365,8 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "weights": weights,
         "code_shape": list(target.shape[1:]),
         "threads": torch.get_num_threads(),
-        "compiled": opts.compile,
+        "compiled": fused.wanted(opts.compile, device),  # the step fused (C kernels on CPU, else torch.compile)
+        "compile_option": opts.compile,  # True / False as asked, None: the engine's default
         "warmup": warmup,
         "iterations_timed": iters,
         "engine_s_per_img_iter": engine * per_img,
@@ -561,8 +563,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="timed engine / bare iterations for CNNs (default 5; --quick: 2)")
     p.add_argument("--shallow-iters", type=int, help="the same for HOG/HOGb/DSIFT (default 20; --quick: 3)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 2; --quick: 1)")
-    p.add_argument("--compile", action="store_true",
-                   help="engine with compile=True (preimage.fused; compilation happens in the warm-up)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="engine with compile=True (preimage.fused: C kernels on the CPU, torch.compile on CUDA; "
+                        "compilation happens in the warm-up) or, --no-compile, False (plain PyTorch operations); "
+                        "default: the engine's default (fused on the CPU where the C kernels build)")
     p.add_argument("--full", action="store_true", help="really run the 350-iteration inversion for CNNs too")
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, batch 1, early layers, fp32")
     p.add_argument("--peak-size", type=int, help="side of the peak matrix product (default 4096; --quick: 1024)")
@@ -608,8 +612,8 @@ def child_argv(case: Case, opts: argparse.Namespace) -> list[str]:
             "--iters", str(opts.iters), "--shallow-iters", str(opts.shallow_iters), "--warmup", str(opts.warmup)]
     if opts.full:
         argv.append("--full")
-    if opts.compile:
-        argv.append("--compile")
+    if opts.compile is not None:
+        argv.append("--compile" if opts.compile else "--no-compile")
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     if opts.random_squeezenet:
