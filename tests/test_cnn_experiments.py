@@ -271,6 +271,23 @@ def test_bf16_copy_gives_close_codes_and_fp32_gradients() -> None:
     assert float(torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0)) > 0.99
 
 
+def test_image_to_bf16_channels_last_is_the_one_call_conversion() -> None:
+    """The CPU's two-step conversion of the image (dtype, then layout) gives the bits, the layout
+    and the gradient of ``x.to(bf16, memory_format=channels_last)``, on a cropped view too."""
+    from preimage.representations.cnn import _ToCompute
+
+    torch.manual_seed(0)
+    canvas = (torch.randn(3, 3, 21, 23) * 60).requires_grad_(True)
+    for x in (canvas, canvas[:, :, 1:20, 2:22]):
+        grad = torch.randn(x.shape).bfloat16().contiguous(memory_format=torch.channels_last)
+        fast = _ToCompute.apply(x, torch.bfloat16)
+        plain = x.to(torch.bfloat16, memory_format=torch.channels_last)
+        assert torch.equal(fast, plain) and fast.is_contiguous(memory_format=torch.channels_last)
+        (g_fast,) = torch.autograd.grad(fast, canvas, grad)
+        (g_plain,) = torch.autograd.grad(plain, canvas, grad)
+        assert g_fast.dtype == torch.float32 and torch.equal(g_fast, g_plain)
+
+
 def test_lrn_banded_convolution_in_bf16() -> None:
     lrn = CaffeLRN(5, 1e-4 * 5, 0.75, 1.0)
     x = torch.randn(2, 16, 7, 7) * 30

@@ -29,6 +29,22 @@ def _capture(_module: nn.Module, _inputs: object, output: Tensor) -> None:
     raise _Stop(output)
 
 
+class _ToCompute(torch.autograd.Function):
+    """An fp32 image to the model's dtype in channels-last layout, on the CPU: the dtype first,
+    then the layout, and the gradient back in one conversion.  ATen's one-call conversion of
+    both is twice as slow there: forward + backward of a 16 x 3 x 227² batch to bf16, 3.2 against
+    1.4 ms (forward alone 1.39 against 0.74 ms), which on first layers is a tenth of a step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        ctx.source = x.dtype
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.to(ctx.source, memory_format=torch.contiguous_format), None
+
+
 def named_layers(model: nn.Module) -> list[str]:
     """The dotted names that :class:`ModuleCut` accepts (every sub-module)."""
     return [name for name, _ in model.named_modules() if name]
@@ -122,7 +138,11 @@ class ModuleCut(Representation):
         if self._divide:
             x = x / self.std.to(x).view(1, -1, 1, 1)
         layout = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
-        x = x.to(self.compute_dtype, memory_format=layout)  # one copy for both (none if unchanged)
+        dtype = self.compute_dtype
+        if layout is torch.channels_last and x.dtype != dtype and x.device.type == "cpu":
+            x = _ToCompute.apply(x, dtype)
+        else:
+            x = x.to(dtype, memory_format=layout)  # one copy for both (none if unchanged)
         if x is given:  # the model gets its own tensor: an in-place first layer must not touch the caller's
             x = x.clone()
         return self._run(x)
