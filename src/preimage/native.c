@@ -1,7 +1,7 @@
 /* The engine step's own arithmetic for the CPU, in one pass over memory each (see native.py).
  *
- * preimage_update: the regularizers' gradients (N_alpha, eq. 5; TV^2, eq. 6 with beta = 2),
- *   Algorithm 1 (lines 5-7) and the projection onto the B+ ball (line 8), in place on the canvas
+ * preimage_update: the regularizers' gradients (N_alpha, eq. 5; TV^beta with beta = 2, section
+ *   3.2.2), Algorithm 1 (lines 5-7) and the projection onto the B+ ball (eq. 6, line 8), in place on the canvas
  *   x (N, C, H, W) and Algorithm 1's state G, mu; the same arithmetic as fused.fused_update.
  * preimage_l2_f32 / preimage_l2_bf16: the inversion loss (eq. 2) per element,
  *   scale[n] * ||code - target||^2, and its gradient 2 * scale[n] * (code - target), as
@@ -43,7 +43,7 @@ int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N,
     const float inv_B2 = (float)(1.0 / (B * B));
     const float ra = (float)(lambda_alpha * alpha / (B * B * (double)HW));
     const float k = (float)(1.0 / (V * V * (double)HW));
-    const float rt = (float)(2.0 * (1.0 / (V * V * (double)HW)) * lambda_tv);
+    const float rt = (float)(2.0 * (1.0 / (V * V * (double)HW)) * lambda_tv); /* as fused.py rounds it */
     const float rho_f = (float)rho, bp = (float)B_plus, inv_lr = 1.0f / lr;
     const float half_alpha_m1 = (float)(alpha / 2 - 1);
     const int alpha6 = alpha == 6.0;

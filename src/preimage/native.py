@@ -5,7 +5,8 @@ canvas (masked loads for the TV differences, a second pass for the projection's 
 and its code for :func:`preimage.fused.squared_distance` two passes over the code, a few times
 slower than memory allows.  ``native.c`` does the same arithmetic in one pass each:
 
-* :func:`update` -- the regularizers (eqs. 5-6, beta = 2), Algorithm 1 and the projection:
+* :func:`update` -- the regularizers (N_alpha, eq. 5; TV^beta with beta = 2), Algorithm 1 and
+  the projection onto the B+ ball (eq. 6):
   reads ``x``, the data term's gradient, ``G`` and ``mu`` once and writes ``x``, ``G``, ``mu``
   once, row by row (the TV stencil reads the rows above and below from a copy of the old rows);
 * :func:`squared_distance` -- the L2 loss (eq. 2) and its gradient, in fp32 or bf16 (rounded to
