@@ -181,3 +181,15 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     assert native.library(quiet=True) is None
     assert "this compiler is broken" in (native.failure() or "")
     assert list(cache.iterdir()) == []
+
+
+@needs_library
+def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    (tmp_path / "tmp").mkdir()
+    probe = "from preimage import native; lib = native.library(); print(lib is not None, lib._name)"
+    done = _python(probe, {"PREIMAGE_CACHE": str(blocked / "cache"), "TMPDIR": str(tmp_path / "tmp")})
+    ok, name = done.stdout.split()
+    assert ok == "True", done.stderr
+    assert Path(name).parent == tmp_path / "tmp" / f"preimage-{os.getuid()}"

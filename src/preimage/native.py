@@ -19,7 +19,8 @@ The library is compiled with the system's C compiler (``$CC``, else ``cc``; the 
 ``torch.compile`` needs on the CPU) with ``-O3 -march=native -fopenmp`` into
 ``$PREIMAGE_CACHE`` (default ``~/.cache/preimage``), named by a hash of the source, the flags
 and the CPU, so it is built once per machine (~1 s); it is written to a temporary
-name and renamed, so concurrent processes never load a half-written file.  If it cannot be
+name and renamed, so concurrent processes never load a half-written file.  Where the cache
+cannot be written, the build goes to ``$TMPDIR/preimage-UID`` instead.  If it cannot be
 built or loaded, :func:`library` returns None and the engine uses ``torch.compile``'s kernels
 instead.  ``PREIMAGE_NATIVE=0`` turns it off.
 """
@@ -83,8 +84,15 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not found)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".native-", suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".native-", suffix=".so", dir=target.parent)
+    except OSError:  # an unwritable cache: build for this user in the temporary directory instead
+        target = Path(tempfile.gettempdir()) / f"preimage-{os.getuid()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".native-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
