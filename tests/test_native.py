@@ -5,6 +5,7 @@ missing compiler costs a fallback, never a run."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -193,3 +194,22 @@ def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path: Path) -
     ok, name = done.stdout.split()
     assert ok == "True", done.stderr
     assert Path(name).parent == tmp_path / "tmp" / f"preimage-{os.getuid()}"
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+def test_kernels_stay_in_bounds_under_sanitizers(tmp_path: Path) -> None:
+    """The C kernels built with AddressSanitizer and UndefinedBehaviorSanitizer, driven over odd
+    shapes (1 x 1, one row, one column) and more threads than rows: no access outside the
+    buffers, no undefined arithmetic."""
+    harness = Path(__file__).parent / "data" / "native_harness.c"
+    binary = tmp_path / "harness"
+    cc = os.environ.get("CC") or "cc"
+    flags = ["-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-std=c11"]
+    built = subprocess.run([cc, *flags, "-o", str(binary), str(harness), str(native.SOURCE), "-lm"],
+                           capture_output=True, text=True, timeout=300)
+    if built.returncode != 0 and "sanitize" in built.stderr:
+        pytest.skip(f"{cc} cannot build with sanitizers here: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1"})
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stderr[-2000:]

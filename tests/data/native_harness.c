@@ -1,0 +1,28 @@
+/* Drives preimage's C kernels (src/preimage/native.c) over odd shapes and 1-5 threads, for a
+ * build with AddressSanitizer and UndefinedBehaviorSanitizer (tests/test_native.py): any read or
+ * write outside the buffers, or undefined arithmetic, aborts the run. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N, int64_t C, int64_t H,
+                     int64_t W, double alpha, double B, double B_plus, double V, double lambda_alpha,
+                     double lambda_tv, double rho, float lr, float *e_range, float *e_tv, int threads);
+int preimage_l2_bf16(const uint16_t*, const uint16_t*, const float*, uint16_t*, float*, int64_t, int64_t, int);
+int preimage_l2_f32(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int);
+static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
+int main(void){
+  int64_t shapes[][4]={{1,3,1,1},{1,3,1,9},{3,1,8,1},{2,3,17,21},{5,3,4,6},{1,3,40,33},{7,1,3,2}};
+  for (int s=0;s<7;s++) for (int th=1; th<=5; th++) {
+    int64_t N=shapes[s][0],C=shapes[s][1],H=shapes[s][2],W=shapes[s][3], n=N*C*H*W;
+    float *x=malloc(n*4),*g=malloc(n*4),*G=malloc(n*4),*mu=malloc(n*4),*er=malloc(N*4),*et=malloc(N*4);
+    for(int64_t i=0;i<n;i++){x[i]=rnd()*100;g[i]=rnd();G[i]=0;mu[i]=0;}
+    for (int it=0; it<3; it++) if (preimage_update(x,g,G,mu,N,C,H,W,6,80,160,80/6.5,1,1,0.9,5.0f,er,et,th)) return 1;
+    for (int it=0; it<2; it++) if (preimage_update(x,g,G,mu,N,C,H,W,4,80,160,80/6.5,1,1,0.9,5.0f,er,et,th)) return 1;
+    uint16_t *a=malloc(n*2),*b=malloc(n*2),*o=malloc(n*2); float *sc=malloc(N*4),*v=malloc(N*4);
+    for(int64_t i=0;i<n;i++){a[i]=(uint16_t)(rand()&0x3fff);b[i]=(uint16_t)(rand()&0x3fff);} for(int i=0;i<N;i++) sc[i]=1;
+    if (preimage_l2_bf16(a,b,sc,o,v,N,C*H*W,th)) return 1;
+    float *fo=malloc(n*4); if (preimage_l2_f32(x,g,sc,fo,v,N,C*H*W,th)) return 1;
+    free(x);free(g);free(G);free(mu);free(er);free(et);free(a);free(b);free(o);free(sc);free(v);free(fo);
+  }
+  puts("ok"); return 0;
+}
