@@ -93,8 +93,8 @@ class L2Loss:
         """``weight * loss`` per batch element and its gradient w.r.t. ``code`` (same dtype and
         layout as ``code``), without autograd: the engine feeds the gradient to Φ's backward.
 
-        ``compiled`` uses :func:`preimage.fused.squared_distance`'s one-pass kernel (unmasked
-        loss; eager if compilation fails).
+        ``compiled`` uses a one-pass kernel for the unmasked loss (:func:`preimage.fused.loss_step`:
+        C on the CPU, ``torch.compile`` elsewhere; eager if neither is available).
         """
         scale = weight / self.norm2.to(code.device, torch.float32)
         if self.mask is None:

@@ -115,9 +115,11 @@ def invert(
     """Reconstruct images from their codes ``Φ0 = Φ(x0)`` (eqs. 1-3, section 5).
 
     All images x seeds form one batch, optimized in chunks of ``batch_size`` (default: what fits
-    in memory, :func:`preimage.engine.auto_batch_size`).  ``compile=True`` fuses the image-side
-    work and the loss of every step into compiled kernels (:mod:`preimage.fused`): same results
-    up to float rounding, faster for long runs, ~15 s of compilation the first time.
+    in memory, :func:`preimage.engine.auto_batch_size`).  ``compile`` fuses the image-side work
+    and the loss of every step into compiled kernels (:mod:`preimage.fused`; same results up to
+    float rounding): None, the default, does so on the CPU with preimage's C kernels where they
+    build (:mod:`preimage.native`); True also on a GPU, with ``torch.compile`` (~15 s of
+    compilation the first time); False never.
 
     Args:
         photos: ``(B, 3 or 1, H, W)`` RGB or gray images in [0, 1].
