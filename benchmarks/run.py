@@ -59,7 +59,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from preimage import fused
 from preimage.allocator import keep_freed_memory
 from preimage.defaults import PAPER
 from preimage.engine import Stage, optimize
@@ -244,8 +243,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup: int, iters: int,
-                device: torch.device, compile: bool | None = None) -> float:
-    """Seconds per engine step (whole batch): ``iters`` steps of one :func:`optimize` call after ``warmup``.
+                device: torch.device, compile: bool | None = None) -> tuple[float, bool]:
+    """Seconds per engine step (whole batch): ``iters`` steps of one :func:`optimize` call after
+    ``warmup``; and whether the step ran fused (the engine's own record, ``Trace.compiled``).
 
     Time stamps are taken in the engine's callback, called every ``gcd(warmup, iters)`` steps,
     so set-up and tear-down of :func:`optimize` are not counted.
@@ -256,9 +256,9 @@ def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup
         synchronize(device)
         stamps[t] = time.perf_counter()
 
-    optimize(rep, loss, (size, size), list(range(batch)), PAPER, [Stage(warmup + iters)], device=device,
-             callback=stamp, callback_every=math.gcd(warmup, iters), batch_size=batch, compile=compile)
-    return (stamps[warmup + iters] - stamps[warmup]) / iters
+    trace = optimize(rep, loss, (size, size), list(range(batch)), PAPER, [Stage(warmup + iters)], device=device,
+                     callback=stamp, callback_every=math.gcd(warmup, iters), batch_size=batch, compile=compile)
+    return (stamps[warmup + iters] - stamps[warmup]) / iters, trace.compiled
 
 
 def bare_step(rep: Representation, x: Tensor, grads: list[Tensor]) -> None:
@@ -340,7 +340,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
     iters = opts.shallow_iters if case.shallow else opts.iters
     warmup = max(1, opts.warmup)
 
-    engine = time_engine(rep, loss, case.size, case.batch, warmup, iters, device, opts.compile)
+    engine, compiled = time_engine(rep, loss, case.size, case.batch, warmup, iters, device, opts.compile)
     bare = time_bare(rep, case.batch, case.size, warmup, iters, device)
     flops = count_flops(rep, case.batch, case.size, device)
     estimated = not (case.shallow or opts.full)
@@ -365,7 +365,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "weights": weights,
         "code_shape": list(target.shape[1:]),
         "threads": torch.get_num_threads(),
-        "compiled": fused.wanted(opts.compile, device),  # the step fused (C kernels on CPU, else torch.compile)
+        "compiled": compiled,  # the step ran fused (C kernels on CPU, else torch.compile)
         "compile_option": opts.compile,  # True / False as asked, None: the engine's default
         "warmup": warmup,
         "iterations_timed": iters,
