@@ -17,8 +17,10 @@ import torch
 from preimage import fused, native
 from preimage.defaults import PAPER
 from preimage.engine import Stage, optimize
-from preimage.objectives import L2Loss
+from preimage.objectives import L2Loss, jitter_crop
 from preimage.representations import make_representation
+from preimage.representations.base import Geometry
+from preimage.representations.cnn import ModuleCut, _ToCompute, low_precision
 
 CONSTANTS = dict(alpha=6.0, B=80.0, B_plus=160.0, V=80 / 6.5, lambda_alpha=1.0, lambda_tv=1.0, rho=0.9)
 
@@ -125,6 +127,130 @@ def test_engine_runs_the_c_kernels_on_the_cpu_by_default(monkeypatch: pytest.Mon
     assert fast.compiled and not plain.compiled
     for term in ("loss", "bounded_range", "tv", "total"):
         torch.testing.assert_close(fast.energy[term], plain.energy[term], rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(fast.x, plain.x, rtol=0, atol=0.5)
+
+
+def _reference_crop(canvas: torch.Tensor, offsets: torch.Tensor, size: tuple[int, int], divisor: torch.Tensor | None,
+                    dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """What ModuleCut.forward does to a jitter crop, in plain torch."""
+    x = jitter_crop(canvas, offsets, size)
+    if divisor is not None:
+        x = x / divisor.view(1, -1, 1, 1)
+    if channels_last:
+        return _ToCompute.apply(x, dtype) if dtype != x.dtype else x.contiguous(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("divide", [False, True], ids=["", "std"])
+@pytest.mark.parametrize("shape", [(3, 3, 9, 13), (2, 1, 5, 4), (1, 4, 1, 7), (4, 3, 1, 1)])
+def test_crop_is_the_crop_then_the_conversion(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool,
+                                              divide: bool, threads: int) -> None:
+    """native.crop gives, bit for bit, the jitter crop divided by std and converted to the
+    model's dtype and layout; native.uncrop gives, bit for bit, that chain's gradient, here
+    from a gradient in its own layout and from a view into a padded tensor (what a sub-pixel
+    convolution's backward hands over)."""
+    N, C, H, W = shape
+    T = 3
+    g = torch.Generator().manual_seed(1)
+    canvas = (torch.randn(N, C, H + T - 1, W + T - 1, generator=g) * 70).requires_grad_()
+    offsets = torch.randint(0, T, (N, 2), generator=g)
+    divisor = torch.linspace(50, 60, C) if divide else None
+    out = native.crop(canvas.detach(), offsets, (H, W), divisor, dtype, channels_last)
+    ref = _reference_crop(canvas, offsets, (H, W), divisor, dtype, channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.dtype == ref.dtype and out.is_contiguous(memory_format=layout)
+    assert torch.equal(out, ref)
+    grad = torch.randn(N, C, H, W, generator=g).to(dtype)
+    padded = torch.zeros(N, C, H + 1, W + 1, dtype=dtype)[:, :, :H, :W]
+    padded.copy_(grad)
+    (expected,) = torch.autograd.grad(ref, canvas, grad)
+    for given in (grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+                  padded, grad.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)):
+        back = native.uncrop(given, offsets, tuple(canvas.shape), divisor)
+        assert back.is_contiguous() and torch.equal(back, expected)
+
+
+@needs_library
+def test_crop_declines_what_it_does_not_handle() -> None:
+    canvas = torch.randn(2, 3, 10, 10)
+    offsets = torch.tensor([[0, 1], [2, 2]])
+    assert native.crop_applies(canvas, offsets, (8, 8), None, torch.bfloat16)
+    assert not native.crop_applies(canvas, offsets, (9, 8), None, torch.bfloat16)  # a window beyond the canvas
+    assert not native.crop_applies(canvas, -offsets, (8, 8), None, torch.bfloat16)
+    assert not native.crop_applies(canvas.double(), offsets, (8, 8), None, torch.float64)
+    assert not native.crop_applies(canvas[:, :, ::2], offsets, (4, 8), None, torch.float32)  # not dense
+    assert not native.crop_applies(canvas, offsets[:1], (8, 8), None, torch.float32)  # one offset for two
+    assert not native.crop_applies(canvas, offsets, (8, 8), torch.ones(2), torch.float32)  # 2 divisors, 3 channels
+    assert native.crop(canvas, offsets, (9, 8), None, torch.float32, False) is None
+
+
+class _Normalized(torch.nn.Module):
+    """A small bf16-able network with a first convolution of stride 2 (the sub-pixel backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 5, stride=2)
+        self.relu = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.conv1(x)))
+
+
+@needs_library
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_module_cut_crops_in_c_as_it_would_in_torch(precision: str, layer: str) -> None:
+    """ModuleCut.encode_crops with the C crop: the code and the canvas gradient are bit for bit
+    those of the crop then forward, for a model that divides by std (torchvision's convention),
+    in fp32 NCHW and in bf16 channels-last."""
+    torch.manual_seed(0)
+    model = _Normalized()
+    if precision == "bf16":
+        model = low_precision(model)
+    cut = ModuleCut(model, layer, channels_last=precision == "bf16",
+                    geometry=Geometry(stride=2, receptive_field=5)).for_optimization()
+    assert cut._divide
+    canvas = (torch.randn(3, 3, 34, 35) * 60).requires_grad_()
+    offsets = torch.tensor([[0, 1], [1, 0], [1, 1]])
+    codes, grads = [], []
+    for use in (False, True):
+        canvas.grad = None
+        code = cut.encode_crops(canvas, offsets, (33, 34), native=use)
+        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code).to(code.dtype))
+        codes.append(code)
+        grads.append(canvas.grad)
+    assert torch.equal(codes[0], codes[1]) and codes[0].stride() == codes[1].stride()
+    assert torch.equal(grads[0], grads[1])
+
+
+@needs_library
+def test_engine_crops_in_c_for_a_module_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU engine's default crops through native.crop for a ModuleCut, and lands where the
+    plain PyTorch step lands."""
+    calls = []
+    real = native.crop
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "crop", counted)
+    torch.manual_seed(0)
+    cut = ModuleCut(low_precision(_Normalized()), "conv2", channels_last=True,
+                    geometry=Geometry(stride=2, receptive_field=9))
+    x0 = torch.randn(2, 3, 40, 40) * 50
+    with torch.no_grad():
+        loss = L2Loss(cut(x0))
+    stages = [Stage(4), Stage(2, lr_factor=0.1, jitter=False)]
+    fast = optimize(cut, loss, (40, 40), [0, 1], PAPER, stages)
+    assert len(calls) == 6
+    plain = optimize(cut, loss, (40, 40), [0, 1], PAPER, stages, compile=False)
+    torch.testing.assert_close(fast.energy["loss"], plain.energy["loss"], rtol=1e-2, atol=1e-6)
     torch.testing.assert_close(fast.x, plain.x, rtol=0, atol=0.5)
 
 

@@ -288,6 +288,7 @@ def optimize_batch(
     compile_loss = fused.wanted(compile, device)
     compiled = compile_loss and tv.beta == 2.0
     value_and_grad = getattr(loss, "value_and_grad", None)
+    encode_crops = getattr(phi, "encode_crops", None)  # a Representation's Φ(jitter(x)); any module: phi(crop)
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
     state.setdefault("mu", torch.zeros_like(x))
@@ -306,8 +307,10 @@ def optimize_batch(
             else:
                 offsets = centre_off
             opt.zero_grad(set_to_none=True)
-            crop = jitter_crop(x, offsets, (H, W))
-            code = phi(crop)
+            if encode_crops is not None:  # the crop fused with Φ's input conversion where it can be
+                code = encode_crops(x, offsets, (H, W), native=compile_loss)
+            else:
+                code = phi(jitter_crop(x, offsets, (H, W)))
             # the data term through Φ; the regularizers below in closed form
             if value_and_grad is not None:  # the loss's gradient in closed form, then Φ's backward
                 with torch.no_grad():

@@ -229,3 +229,127 @@ static inline uint16_t f32_to_bf16(float f) {
 #define SAME(v) (v)
 L2_KERNEL(preimage_l2_f32, float, SAME, SAME)
 L2_KERNEL(preimage_l2_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* preimage_crop: the jitter crop of eq. (7) and the model's input conversion in one pass.
+ *   out[n] = canvas[n, :, r_n : r_n + H, c_n : c_n + W] / div   (offsets[n] = (r_n, c_n))
+ * canvas: (N, C, Hc, Wc) fp32, contiguous; div: C per-channel divisors, or NULL for none (the
+ * division is a true one, as torch's x / std); out: (N, C, H, W) in fp32 or bf16 (rounded to
+ * nearest even), NCHW or, with nhwc, channels-last (N, H, W, C) memory.  Threads share rows. */
+int preimage_crop(const float *canvas, const int64_t *offsets, const float *div, void *out, int64_t N, int64_t C,
+                  int64_t Hc, int64_t Wc, int64_t H, int64_t W, int bf16, int nhwc, int threads) {
+    const int64_t rows = N * H;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_thread(), nt = omp_threads();
+        const int64_t start = rows * t / nt, end = rows * (t + 1) / nt;
+        float *row = malloc((size_t)(W > 0 ? W : 1) * sizeof(float));
+        if (!row && start < end) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t q = start; row && q < end; q++) {
+            const int64_t n = q / H, i = q % H;
+            const float *src = canvas + (n * C * Hc + offsets[2 * n] + i) * Wc + offsets[2 * n + 1];
+            if (bf16 && nhwc && C == 3 && !div) { /* the common case, colour images: interleave directly */
+                const float *s0 = src, *s1 = src + Hc * Wc, *s2 = src + 2 * Hc * Wc;
+                uint16_t *o = (uint16_t *)out + (n * H + i) * W * 3;
+                for (int64_t j = 0; j < W; j++) {
+                    o[3 * j] = f32_to_bf16(s0[j]);
+                    o[3 * j + 1] = f32_to_bf16(s1[j]);
+                    o[3 * j + 2] = f32_to_bf16(s2[j]);
+                }
+                continue;
+            }
+            for (int64_t c = 0; c < C; c++) {
+                const float *s = src + c * Hc * Wc;
+                if (!bf16 && !nhwc && !div) {
+                    memcpy((float *)out + ((n * C + c) * H + i) * W, s, (size_t)W * sizeof(float));
+                    continue;
+                }
+                if (div) {
+                    const float d = div[c];
+#pragma omp simd
+                    for (int64_t j = 0; j < W; j++) row[j] = s[j] / d;
+                } else {
+                    memcpy(row, s, (size_t)W * sizeof(float));
+                }
+                const int64_t step = nhwc ? C : 1;
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + (nhwc ? (n * H + i) * W * C + c : ((n * C + c) * H + i) * W);
+                    for (int64_t j = 0; j < W; j++) o[j * step] = f32_to_bf16(row[j]);
+                } else {
+                    float *o = (float *)out + (nhwc ? (n * H + i) * W * C + c : ((n * C + c) * H + i) * W);
+                    for (int64_t j = 0; j < W; j++) o[j * step] = row[j];
+                }
+            }
+        }
+        free(row);
+    }
+    return failed;
+}
+
+/* preimage_uncrop: the gradient of preimage_crop.  out (N, C, Hc, Wc) fp32, contiguous, becomes
+ * grad / div inside each element's window and zero elsewhere; grad (N, C, H, W), fp32 or bf16,
+ * has any strides (in elements: sn, sc, sh, sw), e.g. a view into a padded tensor.  Threads share
+ * the canvas rows (n, row), all channels of a row together. */
+int preimage_uncrop(const void *grad, const int64_t *offsets, const float *div, float *out, int64_t N, int64_t C,
+                    int64_t Hc, int64_t Wc, int64_t H, int64_t W, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                    int bf16, int threads) {
+    const int64_t rows = N * Hc;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t q = 0; q < rows; q++) {
+        const int64_t n = q / Hc, rr = q % Hc, r0 = offsets[2 * n], c0 = offsets[2 * n + 1], i = rr - r0;
+        if (bf16 && !div && C == 3 && sc == 1 && sw == 3 && i >= 0 && i < H) { /* channels-last colour */
+            float *o0 = out + (n * 3 * Hc + rr) * Wc, *o1 = o0 + Hc * Wc, *o2 = o1 + Hc * Wc;
+            const uint16_t *g = (const uint16_t *)grad + n * sn + i * sh;
+            for (int c = 0; c < 3; c++) {
+                float *o = c == 0 ? o0 : c == 1 ? o1 : o2;
+                memset(o, 0, (size_t)c0 * sizeof(float));
+                memset(o + c0 + W, 0, (size_t)(Wc - c0 - W) * sizeof(float));
+            }
+            o0 += c0, o1 += c0, o2 += c0;
+            for (int64_t j = 0; j < W; j++) {
+                o0[j] = bf16_to_f32(g[3 * j]);
+                o1[j] = bf16_to_f32(g[3 * j + 1]);
+                o2[j] = bf16_to_f32(g[3 * j + 2]);
+            }
+            continue;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            float *o = out + ((n * C + c) * Hc + rr) * Wc;
+            if (i < 0 || i >= H) {
+                memset(o, 0, (size_t)Wc * sizeof(float));
+                continue;
+            }
+            memset(o, 0, (size_t)c0 * sizeof(float));
+            memset(o + c0 + W, 0, (size_t)(Wc - c0 - W) * sizeof(float));
+            const int64_t first = n * sn + c * sc + i * sh;
+            float *oc = o + c0;
+            const float d = div ? div[c] : 1.0f;
+            if (bf16) {
+                const uint16_t *g = (const uint16_t *)grad + first;
+                if (sw == 1) {
+#pragma omp simd
+                    for (int64_t j = 0; j < W; j++) oc[j] = bf16_to_f32(g[j]);
+                } else {
+                    for (int64_t j = 0; j < W; j++) oc[j] = bf16_to_f32(g[j * sw]);
+                }
+            } else {
+                const float *g = (const float *)grad + first;
+                if (sw == 1) {
+                    memcpy(oc, g, (size_t)W * sizeof(float));
+                } else {
+                    for (int64_t j = 0; j < W; j++) oc[j] = g[j * sw];
+                }
+            }
+            if (div) {
+#pragma omp simd
+                for (int64_t j = 0; j < W; j++) oc[j] = oc[j] / d;
+            }
+        }
+    }
+    return 0;
+}

@@ -127,7 +127,9 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_update.argtypes = [p, p, p, p, i64, i64, i64, i64, f64, f64, f64, f64, f64, f64, f64, f32, p, p, i32]
         for name in ("preimage_l2_f32", "preimage_l2_bf16"):
             getattr(lib, name).argtypes = [p, p, p, p, p, i64, i64, i32]
-        for name in ("preimage_update", "preimage_l2_f32", "preimage_l2_bf16"):
+        lib.preimage_crop.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32]
+        lib.preimage_uncrop.argtypes = [p, p, p, p, *[i64] * 10, i32, i32]
+        for name in ("preimage_update", "preimage_l2_f32", "preimage_l2_bf16", "preimage_crop", "preimage_uncrop"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -195,3 +197,67 @@ def squared_distance(code: Tensor, target: Tensor, scale: Tensor) -> tuple[Tenso
     if status != 0:
         raise MemoryError("out of memory in the engine's loss kernel")
     return value, grad
+
+
+def crop_applies(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,
+                 dtype: torch.dtype) -> bool:
+    """Whether :func:`crop` runs for these arguments (and the library is there)."""
+    if canvas.dim() != 4 or canvas.dtype != torch.float32 or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not _cpu_dense(canvas) or offsets.shape != (canvas.shape[0], 2):
+        return False
+    if divisor is not None and (divisor.dtype != torch.float32 or divisor.numel() != canvas.shape[1]):
+        return False
+    H, W = size
+    if offsets.numel() and (int(offsets[:, 0].min()) < 0 or int(offsets[:, 1].min()) < 0
+                            or int(offsets[:, 0].max()) + H > canvas.shape[2]
+                            or int(offsets[:, 1].max()) + W > canvas.shape[3]):
+        return False
+    return library(quiet=True) is not None
+
+
+def crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None, dtype: torch.dtype,
+         channels_last: bool) -> Tensor | None:
+    """The jitter crop (eq. 7) of each element of an fp32 canvas ``(N, C, Hc, Wc)`` at its
+    ``offsets`` row ``(r, c)``, divided per channel by ``divisor`` (None: not), in ``dtype``
+    (fp32 or bf16, rounded to nearest even) and channels-last memory if asked, in one pass:
+    what ``(canvas[n, :, r:r+H, c:c+W] / divisor).to(dtype, channels_last)`` gives, bit for bit.
+    None where the kernel does not apply (:func:`crop_applies`; :func:`uncrop` is the gradient)."""
+    if not crop_applies(canvas, offsets, size, divisor, dtype):
+        return None
+    lib = library()
+    assert lib is not None
+    N, C = canvas.shape[:2]
+    H, W = size
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((N, C, H, W), dtype=dtype, memory_format=layout)
+    offsets = offsets.to(torch.int64).contiguous()
+    div = divisor.contiguous() if divisor is not None else None
+    status = lib.preimage_crop(canvas.data_ptr(), offsets.data_ptr(), None if div is None else div.data_ptr(),
+                               out.data_ptr(), N, C, canvas.shape[2], canvas.shape[3], H, W,
+                               int(dtype == torch.bfloat16), int(channels_last), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("out of memory in the engine's crop kernel")
+    return out
+
+
+def uncrop(grad: Tensor, offsets: Tensor, canvas_shape: tuple[int, ...], divisor: Tensor | None) -> Tensor:
+    """The gradient of :func:`crop` w.r.t. the canvas: a new fp32 ``canvas_shape`` tensor, zero
+    outside each element's window and ``grad / divisor`` inside it, in one pass.  ``grad``
+    ``(N, C, H, W)`` is fp32 or bf16 with any strides (a convolution's input gradient can be a
+    view into a padded tensor)."""
+    lib = library(quiet=True)
+    N, C, H, W = grad.shape
+    if lib is None or grad.dtype not in (torch.float32, torch.bfloat16) or grad.device.type != "cpu":
+        full = torch.zeros(canvas_shape)
+        g = grad.float() / divisor.view(1, -1, 1, 1) if divisor is not None else grad.float()
+        for n, (r, c) in enumerate(offsets.tolist()):
+            full[n, :, r: r + H, c: c + W] = g[n]
+        return full
+    out = torch.empty(canvas_shape)
+    offsets = offsets.to(torch.int64).contiguous()
+    div = divisor.contiguous() if divisor is not None else None
+    lib.preimage_uncrop(grad.data_ptr(), offsets.data_ptr(), None if div is None else div.data_ptr(), out.data_ptr(),
+                        N, C, canvas_shape[2], canvas_shape[3], H, W, *grad.stride(), int(grad.dtype == torch.bfloat16),
+                        torch.get_num_threads())
+    return out

@@ -9,6 +9,10 @@ int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N,
                      double lambda_tv, double rho, float lr, float *e_range, float *e_tv, int threads);
 int preimage_l2_bf16(const uint16_t*, const uint16_t*, const float*, uint16_t*, float*, int64_t, int64_t, int);
 int preimage_l2_f32(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int);
+int preimage_crop(const float*, const int64_t*, const float*, void*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                  int64_t, int, int, int);
+int preimage_uncrop(const void*, const int64_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int, int);
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
   int64_t shapes[][4]={{1,3,1,1},{1,3,1,9},{3,1,8,1},{2,3,17,21},{5,3,4,6},{1,3,40,33},{7,1,3,2}};
@@ -22,6 +26,19 @@ int main(void){
     for(int64_t i=0;i<n;i++){a[i]=(uint16_t)(rand()&0x3fff);b[i]=(uint16_t)(rand()&0x3fff);} for(int i=0;i<N;i++) sc[i]=1;
     if (preimage_l2_bf16(a,b,sc,o,v,N,C*H*W,th)) return 1;
     float *fo=malloc(n*4); if (preimage_l2_f32(x,g,sc,fo,v,N,C*H*W,th)) return 1;
+    /* the jitter crop (T = 3) and its gradient: every dtype, layout, divisor and stride case */
+    int64_t Hc=H+2, Wc=W+2, cn=N*C*Hc*Wc, *off=malloc(N*2*8); float *cv=malloc(cn*4), *dv=malloc(C*4), *back=malloc(cn*4);
+    for(int64_t i=0;i<cn;i++) cv[i]=rnd()*100; for(int c=0;c<C;c++) dv[c]=0.5f+c;
+    for(int i=0;i<N;i++){off[2*i]=rand()%3; off[2*i+1]=rand()%3;}
+    for (int k=0;k<8;k++) {
+      int bf=k&1, nhwc=(k>>1)&1; const float *d=(k>>2)?dv:NULL;
+      void *cr=malloc(n*(bf?2:4)); /* exactly the crop: a write past it is caught */
+      if (preimage_crop(cv,off,d,cr,N,C,Hc,Wc,H,W,bf,nhwc,th)) return 1;
+      int64_t sn=C*H*W, sc_=nhwc?1:H*W, sh=nhwc?W*C:W, sw=nhwc?C:1;
+      if (preimage_uncrop(cr,off,d,back,N,C,Hc,Wc,H,W,sn,sc_,sh,sw,bf,th)) return 1;
+      free(cr);
+    }
+    free(off);free(cv);free(dv);free(back);
     free(x);free(g);free(G);free(mu);free(er);free(et);free(a);free(b);free(o);free(sc);free(v);free(fo);
   }
   puts("ok"); return 0;

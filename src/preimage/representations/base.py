@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..objectives import jitter_crop
+
 
 class RepresentationError(ValueError):
     """Bad input to a representation (wrong shape, unknown layer, ...)."""
@@ -91,6 +93,13 @@ class Representation(nn.Module):
         arithmetic costs time that an optimizer does not need (DSIFT's VLFeat rounding, ~7%).
         Targets, and the errors reported, are always computed with ``self``."""
         return self
+
+    def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False) -> Tensor:
+        """``Φ(jitter(x))``, eqs. (1) and (7): the code of each element's ``size`` window of
+        ``canvas`` ``(N, C, H + T - 1, W + T - 1)`` at its ``offsets`` ``(N, 2)`` (row, column),
+        differentiable w.r.t. ``canvas``.  ``native`` lets a representation fuse the crop with
+        its own input conversion in C (:meth:`ModuleCut.encode_crops`); here it changes nothing."""
+        return self(jitter_crop(canvas, offsets, size))
 
     def check_input(self, x: Tensor) -> None:
         """Raise a one-line :class:`RepresentationError` if ``x`` cannot be represented."""
