@@ -252,13 +252,22 @@ int preimage_crop(const float *canvas, const int64_t *offsets, const float *div,
         for (int64_t q = start; row && q < end; q++) {
             const int64_t n = q / H, i = q % H;
             const float *src = canvas + (n * C * Hc + offsets[2 * n] + i) * Wc + offsets[2 * n + 1];
-            if (bf16 && nhwc && C == 3 && !div) { /* the common case, colour images: interleave directly */
+            if (nhwc && C == 3 && !div) { /* the common case, colour images: interleave directly */
                 const float *s0 = src, *s1 = src + Hc * Wc, *s2 = src + 2 * Hc * Wc;
-                uint16_t *o = (uint16_t *)out + (n * H + i) * W * 3;
-                for (int64_t j = 0; j < W; j++) {
-                    o[3 * j] = f32_to_bf16(s0[j]);
-                    o[3 * j + 1] = f32_to_bf16(s1[j]);
-                    o[3 * j + 2] = f32_to_bf16(s2[j]);
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + (n * H + i) * W * 3;
+                    for (int64_t j = 0; j < W; j++) {
+                        o[3 * j] = f32_to_bf16(s0[j]);
+                        o[3 * j + 1] = f32_to_bf16(s1[j]);
+                        o[3 * j + 2] = f32_to_bf16(s2[j]);
+                    }
+                } else {
+                    float *o = (float *)out + (n * H + i) * W * 3;
+                    for (int64_t j = 0; j < W; j++) {
+                        o[3 * j] = s0[j];
+                        o[3 * j + 1] = s1[j];
+                        o[3 * j + 2] = s2[j];
+                    }
                 }
                 continue;
             }
@@ -302,19 +311,28 @@ int preimage_uncrop(const void *grad, const int64_t *offsets, const float *div, 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t q = 0; q < rows; q++) {
         const int64_t n = q / Hc, rr = q % Hc, r0 = offsets[2 * n], c0 = offsets[2 * n + 1], i = rr - r0;
-        if (bf16 && !div && C == 3 && sc == 1 && sw == 3 && i >= 0 && i < H) { /* channels-last colour */
+        if (!div && C == 3 && sc == 1 && sw == 3 && i >= 0 && i < H) { /* channels-last colour */
             float *o0 = out + (n * 3 * Hc + rr) * Wc, *o1 = o0 + Hc * Wc, *o2 = o1 + Hc * Wc;
-            const uint16_t *g = (const uint16_t *)grad + n * sn + i * sh;
             for (int c = 0; c < 3; c++) {
                 float *o = c == 0 ? o0 : c == 1 ? o1 : o2;
                 memset(o, 0, (size_t)c0 * sizeof(float));
                 memset(o + c0 + W, 0, (size_t)(Wc - c0 - W) * sizeof(float));
             }
             o0 += c0, o1 += c0, o2 += c0;
-            for (int64_t j = 0; j < W; j++) {
-                o0[j] = bf16_to_f32(g[3 * j]);
-                o1[j] = bf16_to_f32(g[3 * j + 1]);
-                o2[j] = bf16_to_f32(g[3 * j + 2]);
+            if (bf16) {
+                const uint16_t *g = (const uint16_t *)grad + n * sn + i * sh;
+                for (int64_t j = 0; j < W; j++) {
+                    o0[j] = bf16_to_f32(g[3 * j]);
+                    o1[j] = bf16_to_f32(g[3 * j + 1]);
+                    o2[j] = bf16_to_f32(g[3 * j + 2]);
+                }
+            } else {
+                const float *g = (const float *)grad + n * sn + i * sh;
+                for (int64_t j = 0; j < W; j++) {
+                    o0[j] = g[3 * j];
+                    o1[j] = g[3 * j + 1];
+                    o2[j] = g[3 * j + 2];
+                }
             }
             continue;
         }
