@@ -6,6 +6,8 @@
  * preimage_l2_f32 / preimage_l2_bf16: the inversion loss (eq. 2) per element,
  *   scale[n] * ||code - target||^2, and its gradient 2 * scale[n] * (code - target), as
  *   fused.squared_distance.
+ * preimage_crop / preimage_uncrop: the jitter crop (eq. 7) with the network's input conversion
+ *   (division by std, bf16, channels-last), and its gradient into the canvas.
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
  * columns (or the code's memory) and are vectorized by the compiler.  Threads (OpenMP) share

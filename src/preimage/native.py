@@ -1,4 +1,4 @@
-"""The compiled step on the CPU: two hand-written C kernels (``native.c``), built on first use.
+"""The compiled step on the CPU: hand-written C kernels (``native.c``), built on first use.
 
 On the CPU, inductor's code for :func:`preimage.fused.fused_update` makes four passes over the
 canvas (masked loads for the TV differences, a second pass for the projection's per-pixel norm)
@@ -10,7 +10,11 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
   reads ``x``, the data term's gradient, ``G`` and ``mu`` once and writes ``x``, ``G``, ``mu``
   once, row by row (the TV stencil reads the rows above and below from a copy of the old rows);
 * :func:`squared_distance` -- the L2 loss (eq. 2) and its gradient, in fp32 or bf16 (rounded to
-  nearest even, as torch), reading the code and the target once.
+  nearest even, as torch), reading the code and the target once;
+* :func:`crop` / :func:`uncrop` -- the jitter crop (eq. 7) fused with a network's input
+  conversion (division by ``std``, bf16, channels-last) and its gradient, one pass each where
+  ATen makes one copy per element plus two to four conversions each way (used by
+  :meth:`preimage.representations.cnn.ModuleCut.encode_crops`).
 
 Measured on 2 cores (benchmarks/README.md): 16 x 3 x 227 x 227 update 4.7 -> ~1.4 ms; the
 VGG-VD-16 conv1_1 loss (16 x 64 x 224 x 224, bf16) 42 -> ~14 ms.
