@@ -229,6 +229,27 @@ def test_module_cut_crops_in_c_as_it_would_in_torch(precision: str, layer: str) 
 
 
 @needs_library
+@pytest.mark.parametrize("name", ["hog", "dsift"])
+def test_any_representation_crops_in_c_as_it_would_in_torch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base Representation.encode_crops with the C crop: HOG's and DSIFT's codes and canvas
+    gradients are bit for bit those of the per-element crop."""
+    used = []
+    monkeypatch.setattr(native, "uncrop", lambda *a, real=native.uncrop: used.append(1) or real(*a))
+    rep = make_representation(name).for_optimization()
+    canvas = (torch.rand(3, 1, 50, 51) * 255 - 128).requires_grad_()
+    offsets = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    codes, grads = [], []
+    for use in (False, True):
+        canvas.grad = None
+        code = rep.encode_crops(canvas, offsets, (48, 48), native=use)
+        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code))
+        codes.append(code)
+        grads.append(canvas.grad)
+    assert used == [1]  # the second pass went through C
+    assert torch.equal(codes[0], codes[1]) and torch.equal(grads[0], grads[1])
+
+
+@needs_library
 def test_engine_crops_in_c_for_a_module_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU engine's default crops through native.crop for a ModuleCut, and lands where the
     plain PyTorch step lands."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 
 class ObjectiveError(ValueError):
     """A target or mask that defines no meaningful objective (zero norm, wrong shape, NaN)."""
@@ -384,3 +386,33 @@ def jitter_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int]) -> Tenso
     if canvas.device.type != "cpu":
         return gather_crop(canvas, offsets, size)
     return _JitterCrop.apply(canvas, offsets.tolist(), H, W)
+
+
+class _ConvertedCrop(torch.autograd.Function):
+    """:func:`jitter_crop`, a division by per-channel ``divisor`` and a conversion to ``dtype``
+    and layout, as one C pass forward and one backward (:func:`preimage.native.crop` /
+    :func:`~preimage.native.uncrop`)."""
+
+    @staticmethod
+    def forward(ctx, canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,  # type: ignore[override]
+                dtype: torch.dtype, channels_last: bool) -> Tensor:
+        ctx.offsets, ctx.shape, ctx.divisor = offsets, tuple(canvas.shape), divisor
+        out = native.crop(canvas, offsets, size, divisor, dtype, channels_last)
+        assert out is not None, "checked by native.crop_applies"
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return native.uncrop(grad, ctx.offsets, ctx.shape, ctx.divisor), None, None, None, None, None
+
+
+def converted_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None = None,
+                   dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Tensor | None:
+    """``(jitter_crop(canvas, offsets, size) / divisor).to(dtype, channels_last)`` in one C pass
+    each way, bit for bit (differentiable w.r.t. ``canvas``); None where the C kernels do not
+    apply (not on the CPU, not fp32 in, not available: :func:`preimage.native.crop_applies`).
+    Where ATen makes one copy per element, then a pass per conversion each way: AlexNet conv1's
+    input in bf16 at batch 16, forward + backward 4.0 against ~0.7 ms per step."""
+    if not native.crop_applies(canvas, offsets, size, divisor, dtype):
+        return None
+    return _ConvertedCrop.apply(canvas, offsets, size, divisor, dtype, channels_last)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..objectives import jitter_crop
+from ..objectives import converted_crop, jitter_crop
 
 
 class RepresentationError(ValueError):
@@ -97,9 +97,12 @@ class Representation(nn.Module):
     def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False) -> Tensor:
         """``Φ(jitter(x))``, eqs. (1) and (7): the code of each element's ``size`` window of
         ``canvas`` ``(N, C, H + T - 1, W + T - 1)`` at its ``offsets`` ``(N, 2)`` (row, column),
-        differentiable w.r.t. ``canvas``.  ``native`` lets a representation fuse the crop with
-        its own input conversion in C (:meth:`ModuleCut.encode_crops`); here it changes nothing."""
-        return self(jitter_crop(canvas, offsets, size))
+        differentiable w.r.t. ``canvas``.  ``native``: cut the windows in C on the CPU, one pass
+        each way (:func:`~preimage.objectives.converted_crop`), where ATen copies each element
+        on its own; a network fuses its input conversion into that pass
+        (:meth:`ModuleCut.encode_crops`)."""
+        crop = converted_crop(canvas, offsets, size) if native else None
+        return self(crop if crop is not None else jitter_crop(canvas, offsets, size))
 
     def check_input(self, x: Tensor) -> None:
         """Raise a one-line :class:`RepresentationError` if ``x`` cannot be represented."""

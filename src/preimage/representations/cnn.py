@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import native as _native
+from ..objectives import converted_crop
 from .base import Geometry, Representation, RepresentationError
 from .input_conv import InputGradientHooks, qualifies
 
@@ -44,26 +44,6 @@ class _ToCompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad.to(ctx.source, memory_format=torch.contiguous_format), None
-
-
-class _CropToCompute(torch.autograd.Function):
-    """The jitter crop (eq. 7), the division by the model's ``std`` and the conversion to its
-    dtype and layout as one C pass forward and one backward (:func:`preimage.native.crop`),
-    where ATen makes one copy per element, a division, two conversions and, backwards, a zero
-    canvas, two conversions, a division and one copy per element: AlexNet conv1 in bf16 at
-    batch 16, 4.0 against ~0.7 ms per step (benchmarks/README.md)."""
-
-    @staticmethod
-    def forward(ctx, canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,  # type: ignore[override]
-                dtype: torch.dtype, channels_last: bool) -> Tensor:
-        ctx.offsets, ctx.shape, ctx.divisor = offsets, tuple(canvas.shape), divisor
-        out = _native.crop(canvas, offsets, size, divisor, dtype, channels_last)
-        assert out is not None, "checked by native.crop_applies"
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _native.uncrop(grad, ctx.offsets, ctx.shape, ctx.divisor), None, None, None, None, None
 
 
 def named_layers(model: nn.Module) -> list[str]:
@@ -171,14 +151,16 @@ class ModuleCut(Representation):
     def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False) -> Tensor:
         """``Φ(jitter(x))`` (see :meth:`Representation.encode_crops`).  With ``native``, on the
         CPU, the crop, the division by ``std`` and the conversion to the model's dtype and
-        layout are one C pass (:class:`_CropToCompute`; bit for bit what :meth:`forward` gives the
-        model), where the kernels are available; otherwise the crop, then :meth:`forward`."""
+        layout are one C pass (:func:`~preimage.objectives.converted_crop`; bit for bit what
+        :meth:`forward` gives the model), where the kernels are available; otherwise the crop,
+        then :meth:`forward`."""
         if native:
             self.check_input(canvas)
-            layout = self.channels_last and canvas.dim() == 4
             divisor = self.std.float() if self._divide else None
-            if _native.crop_applies(canvas, offsets, size, divisor, self.compute_dtype):
-                return self._run(_CropToCompute.apply(canvas, offsets, size, divisor, self.compute_dtype, layout))
+            crop = converted_crop(canvas, offsets, size, divisor, self.compute_dtype,
+                                  self.channels_last and canvas.dim() == 4)
+            if crop is not None:
+                return self._run(crop)
         return super().encode_crops(canvas, offsets, size)
 
     def for_optimization(self) -> "ModuleCut":
