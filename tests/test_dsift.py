@@ -15,7 +15,18 @@ import pytest
 import torch
 
 from preimage.representations.base import Geometry, RepresentationError
-from preimage.representations.dsift import DSIFT, _sum_squares, dsift, dsift_frames
+from preimage import native
+from preimage.representations.dsift import (
+    _CLAMP_F,
+    _EPS_F,
+    _SQRT_TINY_F,
+    DSIFT,
+    _normalize,
+    _normalize_backward,
+    _sum_squares,
+    dsift,
+    dsift_frames,
+)
 
 IMAGENET = Path(__file__).parents[2] / "shared" / "images" / "imagenet-sample"
 TOL = 1e-4  # on the 0..255 descriptor scale
@@ -287,3 +298,61 @@ def test_bad_inputs():
         dsift(torch.zeros(1, 1, 32, 32), bounds=(0, 0, 40, 10))
     with pytest.raises(RepresentationError):
         DSIFT(step=0)
+
+
+# --------------------------------------------------------------------------------------
+# the C normalization (plain arithmetic, the optimization's path; preimage.native)
+# --------------------------------------------------------------------------------------
+needs_native = pytest.mark.skipif(native.library(quiet=True) is None,
+                                  reason=f"the C kernels cannot be built here: {native.failure()}")
+
+
+@needs_native
+def test_c_normalization_is_the_torch_normalization():
+    """native.dsift_normalize / _backward against _normalize / _normalize_backward on strided
+    histograms with a zero frame, clamped entries and entries past 255 after scaling."""
+    g = torch.Generator().manual_seed(0)
+    hist = (torch.rand(3, 37, 128, generator=g) * 10).transpose(1, 2)  # (N, 128, F), strided
+    hist[0, :, 0] = 0
+    hist[1, :6, 3] = 500.0  # clamped at 0.2 after the first normalization
+    hist[:, :12, 10:20] *= 8.0  # more frames with clamped bins
+    hist[2, :, 5] = 0
+    hist[2, 7, 5] = 3.0  # a single bin: 512 * 1 > 255
+    out = torch.empty(3, 37, 128)
+    assert native.dsift_normalize(hist, out, _EPS_F, _CLAMP_F, _SQRT_TINY_F)
+    ref, saved = _normalize(hist, False)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-6, atol=1e-4)
+    assert out[2, 5].max() == 255.0 and torch.count_nonzero(out[0, 0]) == 0
+    # a gradient with a large part along the descriptors: the normalizations' projections matter
+    grad = torch.randn(3, 37, 128, generator=g) + ref.transpose(1, 2) / 20
+    got = native.dsift_normalize_backward(grad, hist, _EPS_F, _CLAMP_F, _SQRT_TINY_F)
+    want = _normalize_backward(grad.transpose(1, 2), saved)
+    # per frame, relative to the frame's gradient (the zero frames' are huge, 1/eps)
+    frame_error = (got - want).norm(dim=1) / want.norm(dim=1)
+    assert frame_error.max() <= 1e-5, frame_error.max()
+    assert not native.dsift_normalize(hist.double(), out.double(), _EPS_F, _CLAMP_F, _SQRT_TINY_F)
+
+
+@needs_native
+@pytest.mark.parametrize("fast", [False, True], ids=["gauss", "flat"])
+def test_plain_float32_gradient_through_c_matches_float64(fast, monkeypatch):
+    """The optimization's DSIFT (plain arithmetic, float32: the C normalization) has the float64
+    gradient, and its descriptors are float64's up to float32 rounding."""
+    used = []
+    monkeypatch.setattr(native, "dsift_normalize_backward",
+                        lambda *a, real=native.dsift_normalize_backward: used.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    noisy = crop(gray_photo("camera"), 48, 56) + rng.random((48, 56), dtype=np.float32)
+    image = torch.from_numpy(noisy)[None, None].expand(2, -1, -1, -1)
+    target = torch.rand(1, 3 * 4, 128, generator=torch.Generator().manual_seed(0)) * 60
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().requires_grad_()
+        y = dsift(x, 8, 8, fast, vlfeat_rounding=False)
+        ((y - target.to(x)) ** 2).sum().backward()
+        return y.detach(), x.grad
+
+    (y32, g32), (y64, g64) = run(image), run(image.double())
+    assert used, "the C backward was not used"
+    assert (y32.double() - y64).abs().max() <= 1e-3
+    assert (g32.double() - g64).norm() <= 2e-3 * g64.norm()

@@ -8,6 +8,7 @@
  *   fused.squared_distance.
  * preimage_crop / preimage_uncrop: the jitter crop (eq. 7) with the network's input conversion
  *   (division by std, bf16, channels-last), and its gradient into the canvas.
+ * preimage_dsift_normalize / _backward: DSIFT's descriptor normalization (plain arithmetic).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
  * columns (or the code's memory) and are vectorized by the compiler.  Threads (OpenMP) share
@@ -369,6 +370,85 @@ int preimage_uncrop(const void *grad, const int64_t *offsets, const float *div, 
 #pragma omp simd
                 for (int64_t j = 0; j < W; j++) oc[j] = oc[j] / d;
             }
+        }
+    }
+    return 0;
+}
+
+/* DSIFT's descriptor normalization in plain arithmetic (representations/dsift.py, _normalize and
+ * _normalize_backward; VLFeat's _vl_dsift_normalize_histogram and cyvlfeat's scaling): per frame,
+ *   c = min(h / n1, 0.2), n1 = sqrt(sum h^2) + eps;  out = min(512 c / n2, 255), n2 = sqrt(sum c^2) + eps,
+ * a root of a sum below `tiny` counting as 0.  h: (N, 128, F) with element strides (sn, sd, sf);
+ * out: (N, F, 128), contiguous.  The backward pass recomputes the frame's forward from h and
+ * maps grad (N, F, 128; strides gn, gf, gd) to gh (N, 128, F), contiguous.  Threads share frames. */
+#define DSIFT_D 128
+
+struct dsift_frame {
+    float h[DSIFT_D], c[DSIFT_D], o[DSIFT_D];
+    float n1, inv1, n2, inv2;
+};
+
+static void dsift_frame_forward(struct dsift_frame *fr, const float *h, int64_t sd, float eps, float clamp,
+                                float tiny) {
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int d = 0; d < DSIFT_D; d++) fr->h[d] = h[d * sd];
+    for (int d = 0; d < DSIFT_D; d++) s1 += fr->h[d] * fr->h[d];
+    fr->inv1 = s1 >= tiny ? 1.0f / sqrtf(s1) : 0.0f;
+    fr->n1 = s1 * fr->inv1 + eps;
+    for (int d = 0; d < DSIFT_D; d++) {
+        const float c = fr->h[d] / fr->n1;
+        fr->c[d] = c < clamp ? c : clamp;
+        s2 += fr->c[d] * fr->c[d];
+    }
+    fr->inv2 = s2 >= tiny ? 1.0f / sqrtf(s2) : 0.0f;
+    fr->n2 = s2 * fr->inv2 + eps;
+    for (int d = 0; d < DSIFT_D; d++) fr->o[d] = fr->c[d] / fr->n2 * 512.0f;
+}
+
+int preimage_dsift_normalize(const float *h, int64_t sn, int64_t sd, int64_t sf, float *out, int64_t N, int64_t F,
+                             float eps, float clamp, float tiny, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        struct dsift_frame fr;
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < N * F; q++) {
+            const int64_t n = q / F, f = q % F;
+            dsift_frame_forward(&fr, h + n * sn + f * sf, sd, eps, clamp, tiny);
+            float *o = out + q * DSIFT_D;
+            for (int d = 0; d < DSIFT_D; d++) o[d] = fr.o[d] < 255.0f ? fr.o[d] : 255.0f;
+        }
+    }
+    return 0;
+}
+
+int preimage_dsift_normalize_backward(const float *h, int64_t sn, int64_t sd, int64_t sf, const float *grad,
+                                      int64_t gn, int64_t gf, int64_t gd, float *gh, int64_t N, int64_t F, float eps,
+                                      float clamp, float tiny, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        struct dsift_frame fr;
+        float gc[DSIFT_D], gv[DSIFT_D];
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < N * F; q++) {
+            const int64_t n = q / F, f = q % F;
+            dsift_frame_forward(&fr, h + n * sn + f * sf, sd, eps, clamp, tiny);
+            const float *g = grad + n * gn + f * gf;
+            float k2 = 0.0f, k1 = 0.0f;
+            for (int d = 0; d < DSIFT_D; d++) {
+                gv[d] = fr.o[d] <= 255.0f ? g[d * gd] * 512.0f : 0.0f;
+                k2 += gv[d] * fr.c[d];
+            }
+            k2 = k2 * fr.inv2 / fr.n2 / fr.n2;
+            for (int d = 0; d < DSIFT_D; d++) {
+                const float keep1 = fr.h[d] / fr.n1 <= clamp ? 1.0f : 0.0f;
+                gc[d] = (gv[d] / fr.n2 - fr.c[d] * k2) * keep1;
+                k1 += gc[d] * fr.h[d];
+            }
+            k1 = k1 * fr.inv1 / fr.n1 / fr.n1;
+            float *out = gh + n * DSIFT_D * F + f;
+            for (int d = 0; d < DSIFT_D; d++) out[d * F] = gc[d] / fr.n1 - fr.h[d] * k1;
         }
     }
     return 0;

@@ -13,6 +13,9 @@ int preimage_crop(const float*, const int64_t*, const float*, void*, int64_t, in
                   int64_t, int, int, int);
 int preimage_uncrop(const void*, const int64_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int64_t, int, int);
+int preimage_dsift_normalize(const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t, float, float, float, int);
+int preimage_dsift_normalize_backward(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                                      float*, int64_t, int64_t, float, float, float, int);
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
   int64_t shapes[][4]={{1,3,1,1},{1,3,1,9},{3,1,8,1},{2,3,17,21},{5,3,4,6},{1,3,40,33},{7,1,3,2}};
@@ -40,6 +43,15 @@ int main(void){
     }
     free(off);free(cv);free(dv);free(back);
     free(x);free(g);free(G);free(mu);free(er);free(et);free(a);free(b);free(o);free(sc);free(v);free(fo);
+  }
+  /* DSIFT's normalization: (N, 128, F) histograms, contiguous and transposed, F = 1..7 frames */
+  for (int64_t F=1; F<=7; F+=3) for (int th=1; th<=5; th+=2) for (int tr=0; tr<2; tr++) {
+    int64_t N=2, m=N*128*F; float *h=malloc(m*4), *o=malloc(m*4), *g=malloc(m*4), *gh=malloc(m*4);
+    for (int64_t i=0;i<m;i++){h[i]=rnd()>0?rnd()*9:0; g[i]=rnd();}
+    int64_t sn=128*F, sd=tr?1:F, sf=tr?128:1;
+    if (preimage_dsift_normalize(h,sn,sd,sf,o,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
+    if (preimage_dsift_normalize_backward(h,sn,sd,sf,g,F*128,128,1,gh,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
+    free(h);free(o);free(g);free(gh);
   }
   puts("ok"); return 0;
 }

@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .. import native
 from .base import Geometry, Representation, RepresentationError
 
 __all__ = ["DSIFT", "dsift", "dsift_frames", "dsift_grid"]
@@ -809,6 +810,11 @@ class _DSIFTFunction(torch.autograd.Function):
     """``(N, 1, H, W)`` images -> ``(N, F, 128)`` descriptors, with a hand-written backward pass:
     :func:`_histograms` then :func:`_normalize`, and their transposes.
 
+    In plain arithmetic (``vlfeat_math=False``: the optimization's DSIFT) on the CPU in float32
+    the normalization runs in C where the kernels are available
+    (:func:`preimage.native.dsift_normalize`; the same arithmetic, summed in another order:
+    2.0 -> 0.3 ms forward, 2.0 -> 0.5 ms backward for 8 images of 160²).
+
     The images are processed in groups of about :data:`_GROUP_PIXELS` pixels: the per-pixel
     temporaries of a group stay in the processor's cache (and in memory the process already
     has), which makes these memory-bound steps faster than on a large batch (~20% at 16
@@ -826,8 +832,10 @@ class _DSIFTFunction(torch.autograd.Function):
         states = []
         for part, out_part in zip(image.split(size), out.split(size)):
             hist, histograms = _histograms(part, geom, vlfeat_math)
-            desc, normalization = _normalize(hist, vlfeat_math)
-            out_part.copy_(desc.transpose(1, 2))
+            normalization: Tensor | tuple[Tensor, ...] = hist  # the C kernel's backward recomputes from it
+            if vlfeat_math or not native.dsift_normalize(hist, out_part, _EPS_F, _CLAMP_F, _SQRT_TINY_F):
+                desc, normalization = _normalize(hist, vlfeat_math)
+                out_part.copy_(desc.transpose(1, 2))
             states.append((histograms, normalization))
         if ctx.needs_input_grad[0]:
             ctx.setup = (geom, size, image.shape, states)  # type: ignore[attr-defined]
@@ -842,7 +850,10 @@ class _DSIFTFunction(torch.autograd.Function):
         out = grad.new_empty(shape)
         parts = zip(grad.split(size), out.split(size), states)
         for grad_part, out_part, (histograms, normalization) in parts:
-            hist_grad = _normalize_backward(grad_part.transpose(1, 2), normalization)
+            if isinstance(normalization, Tensor):
+                hist_grad = native.dsift_normalize_backward(grad_part, normalization, _EPS_F, _CLAMP_F, _SQRT_TINY_F)
+            else:
+                hist_grad = _normalize_backward(grad_part.transpose(1, 2), normalization)
             out_part.copy_(_histograms_backward(hist_grad, histograms, geom))
         return out, None, None
 
