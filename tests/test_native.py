@@ -251,16 +251,16 @@ def test_any_representation_crops_in_c_as_it_would_in_torch(name: str, monkeypat
 
 @needs_library
 def test_engine_crops_in_c_for_a_module_cut(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU engine's default crops through native.crop for a ModuleCut, and lands where the
-    plain PyTorch step lands."""
+    """The CPU engine's default crops through the C crop kernel for a ModuleCut, and lands where
+    the plain PyTorch step lands."""
     calls = []
-    real = native.crop
+    real = native.crop_kernel
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native, "crop", counted)
+    monkeypatch.setattr(native, "crop_kernel", counted)
     torch.manual_seed(0)
     cut = ModuleCut(low_precision(_Normalized()), "conv2", channels_last=True,
                     geometry=Geometry(stride=2, receptive_field=9))

@@ -219,11 +219,10 @@ def crop_applies(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor
         return False
     if divisor is not None and (divisor.dtype != torch.float32 or divisor.numel() != canvas.shape[1]):
         return False
-    H, W = size
-    if offsets.numel() and (int(offsets[:, 0].min()) < 0 or int(offsets[:, 1].min()) < 0
-                            or int(offsets[:, 0].max()) + H > canvas.shape[2]
-                            or int(offsets[:, 1].max()) + W > canvas.shape[3]):
-        return False
+    if offsets.numel():
+        (r_min, c_min), (r_max, c_max) = offsets.amin(0).tolist(), offsets.amax(0).tolist()
+        if min(r_min, c_min) < 0 or r_max + size[0] > canvas.shape[2] or c_max + size[1] > canvas.shape[3]:
+            return False
     return library(quiet=True) is not None
 
 
@@ -236,7 +235,13 @@ def crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor
     None where the kernel does not apply (:func:`crop_applies`; :func:`uncrop` is the gradient)."""
     if not crop_applies(canvas, offsets, size, divisor, dtype):
         return None
-    lib = library()
+    return crop_kernel(canvas, offsets, size, divisor, dtype, channels_last)
+
+
+def crop_kernel(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None, dtype: torch.dtype,
+                channels_last: bool) -> Tensor:
+    """:func:`crop` for arguments that :func:`crop_applies` has accepted (not checked again)."""
+    lib = library(quiet=True)
     assert lib is not None
     N, C = canvas.shape[:2]
     H, W = size
@@ -258,13 +263,8 @@ def uncrop(grad: Tensor, offsets: Tensor, canvas_shape: tuple[int, ...], divisor
     ``(N, C, H, W)`` is fp32 or bf16 with any strides (a convolution's input gradient can be a
     view into a padded tensor)."""
     lib = library(quiet=True)
+    assert lib is not None and grad.dtype in (torch.float32, torch.bfloat16) and grad.device.type == "cpu"
     N, C, H, W = grad.shape
-    if lib is None or grad.dtype not in (torch.float32, torch.bfloat16) or grad.device.type != "cpu":
-        full = torch.zeros(canvas_shape)
-        g = grad.float() / divisor.view(1, -1, 1, 1) if divisor is not None else grad.float()
-        for n, (r, c) in enumerate(offsets.tolist()):
-            full[n, :, r: r + H, c: c + W] = g[n]
-        return full
     out = torch.empty(canvas_shape)
     offsets = offsets.to(torch.int64).contiguous()
     div = divisor.contiguous() if divisor is not None else None

@@ -397,9 +397,7 @@ class _ConvertedCrop(torch.autograd.Function):
     def forward(ctx, canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,  # type: ignore[override]
                 dtype: torch.dtype, channels_last: bool) -> Tensor:
         ctx.offsets, ctx.shape, ctx.divisor = offsets, tuple(canvas.shape), divisor
-        out = native.crop(canvas, offsets, size, divisor, dtype, channels_last)
-        assert out is not None, "checked by native.crop_applies"
-        return out
+        return native.crop_kernel(canvas, offsets, size, divisor, dtype, channels_last)  # checked by the caller
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

@@ -160,7 +160,7 @@ class LoadedModel:
         from ..geometry import GeometryError
 
         module_name = self.module_name(layer)
-        precision = resolve_precision(precision, next((p.device for p in self.module.parameters()), "cpu"))
+        precision = resolve_precision(precision, self.device)
         try:
             geometry: Geometry | None = self.geometry(layer)
         except GeometryError:
