@@ -453,3 +453,193 @@ int preimage_dsift_normalize_backward(const float *h, int64_t sn, int64_t sd, in
     }
     return 0;
 }
+
+/* Max pooling with torch's semantics (F.max_pool2d, dilation 1): the window of output o spans
+ * input [o*s - p, o*s - p + k) clipped to the image; the first maximum in row-major window order
+ * wins, and a NaN replaces the running maximum.  Where torch keeps an int64 index into the input
+ * plane, idx keeps one byte per output: the maximum's row-major position in the clipped window,
+ * (ih - lo_h) * kw + (iw - lo_w) < kh * kw <= 255.  With relu, the output is relu(max) (= the maximum
+ * of the window's ReLUs: the two commute) and idx is POOL_NONE where the maximum is <= 0 (a zero
+ * gradient: torch's ReLU passes the gradient where its output is not <= 0, NaN included).  x (N, C, H, W) and y (N, C, OH, OW) are fp32
+ * or bf16, NCHW or, with nhwc, channels-last; idx has y's layout; idx may be NULL (forward only).
+ * Threads share output rows. */
+#define POOL_NONE 255 /* idx: no gradient */
+
+static inline int64_t pool_lo(int64_t o, int64_t s, int64_t p) {
+    const int64_t a = o * s - p;
+    return a > 0 ? a : 0;
+}
+
+static inline int64_t pool_hi(int64_t o, int64_t s, int64_t p, int64_t k, int64_t size) {
+    const int64_t b = o * s - p + k;
+    return b < size ? b : size;
+}
+
+/* channels c0 .. c0 + WIDTH - 1 of output (n, oh, ow), WIDTH <= POOL_LANES: the running maximum and
+ * its position stay in registers (POOL_LANES fp32 lanes: one AVX-512 vector) */
+#define POOL_LANES 16
+#define MAXPOOL_NHWC_LANES(T, LOAD, STORE, WIDTH, RELU)                                                          \
+    {                                                                                                      \
+        float mv[POOL_LANES];                                                                              \
+        int32_t rv[POOL_LANES];                                                                            \
+        for (int j = 0; j < POOL_LANES; j++) {                                                             \
+            mv[j] = -INFINITY;                                                                             \
+            rv[j] = 0;                                                                                     \
+        }                                                                                                  \
+        for (int64_t ih = h0; ih < h1; ih++) {                                                             \
+            for (int64_t iw = w0; iw < w1; iw++) {                                                         \
+                const T *src = (const T *)x + ((n * H + ih) * W + iw) * C + c0;                            \
+                const int32_t rel = (int32_t)((ih - h0) * kw + (iw - w0));                                 \
+                _Pragma("omp simd") for (int j = 0; j < (WIDTH); j++) {                                    \
+                    const float v = LOAD(src[j]);                                                          \
+                    const int take = (v > mv[j]) | (v != v);                                               \
+                    mv[j] = take ? v : mv[j];                                                              \
+                    rv[j] = take ? rel : rv[j];                                                            \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        T *dst = (T *)y + o + c0;                                                                          \
+        _Pragma("omp simd") for (int j = 0; j < (WIDTH); j++) {                                            \
+            const int drop = (RELU) & (mv[j] <= 0.0f); /* relu: 0 and no gradient (NaN passes, as torch) */ \
+            dst[j] = STORE(drop ? 0.0f : mv[j]);                                                           \
+            rv[j] = drop ? POOL_NONE : rv[j];                                                              \
+        }                                                                                                  \
+        if (idx)                                                                                           \
+            for (int j = 0; j < (WIDTH); j++) idx[o + c0 + j] = (uint8_t)rv[j];                            \
+    }
+
+#define MAXPOOL_NHWC(T, LOAD, STORE, RELU)                                                                       \
+    for (int64_t ow = 0; ow < OW; ow++) {                                                                  \
+        const int64_t w0 = pool_lo(ow, sw, pw), w1 = pool_hi(ow, sw, pw, kw, W);                           \
+        const int64_t o = ((n * OH + oh) * OW + ow) * C;                                                   \
+        int64_t c0 = 0;                                                                                    \
+        for (; c0 + POOL_LANES <= C; c0 += POOL_LANES) MAXPOOL_NHWC_LANES(T, LOAD, STORE, POOL_LANES, RELU)      \
+        if (c0 < C) {                                                                                      \
+            const int rest = (int)(C - c0);                                                                \
+            MAXPOOL_NHWC_LANES(T, LOAD, STORE, rest, RELU)                                                       \
+        }                                                                                                  \
+    }
+
+#define MAXPOOL_NCHW(T, LOAD, STORE)                                                                       \
+    for (int64_t ow = 0; ow < OW; ow++) {                                                                  \
+        const int64_t w0 = pool_lo(ow, sw, pw), w1 = pool_hi(ow, sw, pw, kw, W);                           \
+        float best = -INFINITY;                                                                            \
+        uint8_t at = 0;                                                                                    \
+        for (int64_t ih = h0; ih < h1; ih++) {                                                             \
+            const T *src = (const T *)x + (plane * H + ih) * W;                                            \
+            for (int64_t iw = w0; iw < w1; iw++) {                                                         \
+                const float v = LOAD(src[iw]);                                                             \
+                if (v > best || v != v) {                                                                  \
+                    best = v;                                                                              \
+                    at = (uint8_t)((ih - h0) * kw + (iw - w0));                                            \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        const int64_t o = (plane * OH + oh) * OW + ow;                                                     \
+        if (relu && best <= 0.0f) {                                                                        \
+            best = 0.0f;                                                                                   \
+            at = POOL_NONE;                                                                                \
+        }                                                                                                  \
+        ((T *)y)[o] = STORE(best);                                                                         \
+        if (idx) idx[o] = at;                                                                              \
+    }
+
+int preimage_maxpool(const void *x, void *y, uint8_t *idx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
+                     int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int bf16,
+                     int nhwc, int relu, int threads) {
+    const int64_t rows = (nhwc ? N : N * C) * OH;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < rows; q++) {
+            const int64_t oh = q % OH, h0 = pool_lo(oh, sh, ph), h1 = pool_hi(oh, sh, ph, kh, H);
+            if (nhwc) {
+                const int64_t n = q / OH;
+                if (bf16 && relu) {
+                    MAXPOOL_NHWC(uint16_t, bf16_to_f32, f32_to_bf16, 1)
+                } else if (bf16) {
+                    MAXPOOL_NHWC(uint16_t, bf16_to_f32, f32_to_bf16, 0)
+                } else if (relu) {
+                    MAXPOOL_NHWC(float, SAME, SAME, 1)
+                } else {
+                    MAXPOOL_NHWC(float, SAME, SAME, 0)
+                }
+            } else {
+                const int64_t plane = q / OH;
+                if (bf16) {
+                    MAXPOOL_NCHW(uint16_t, bf16_to_f32, f32_to_bf16)
+                } else {
+                    MAXPOOL_NCHW(float, SAME, SAME)
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* The gradient of preimage_maxpool w.r.t. x, as torch computes it: gx is zeroed, then each
+ * output's gradient gy is added at its maximum, outputs in row-major order, so that an input
+ * pixel that is the maximum of several overlapping windows receives their gradients in torch's
+ * order (in bf16 each addition is rounded, as torch's BFloat16 +=).  gy and idx have y's shape and
+ * layout, gx x's.  Threads share images and, when there are fewer images than threads, the
+ * channels of an image (channels-last) or planes (NCHW): no two write the same element. */
+#define MAXPOOL_SCATTER(T, LOAD, STORE, AT, STEP, FIRST, COUNT)                                            \
+    for (int64_t oh = 0; oh < OH; oh++) {                                                                  \
+        const int64_t h0 = pool_lo(oh, sh, ph);                                                            \
+        for (int64_t ow = 0; ow < OW; ow++) {                                                              \
+            const int64_t w0 = pool_lo(ow, sw, pw), o = (oh * OW + ow) * STEP + (FIRST);                   \
+            T *base = (T *)gx + (h0 * W + w0) * STEP + (FIRST);                                            \
+            for (int64_t j = 0; j < (COUNT); j++) {                                                        \
+                const int r = idx_n[o + j];                                                                \
+                const float g = LOAD(((const T *)gy_n)[o + j]);                                            \
+                T *at = base + AT[r] + j;                                                                  \
+                *at = STORE(LOAD(*at) + (r == POOL_NONE ? -0.0f : g)); /* x + -0 is x: no branch */        \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, int64_t N, int64_t C, int64_t H,
+                              int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                              int64_t ph, int64_t pw, int bf16, int nhwc, int threads) {
+    if (threads < 1) threads = 1;
+    /* offset of window position r from the window's first pixel, in elements */
+    int64_t at_nhwc[256] = {0}, at_nchw[256] = {0}; /* POOL_NONE: the window's first pixel, which gets -0 */
+    for (int64_t r = 0; r < kh * kw && r < POOL_NONE; r++) {
+        at_nhwc[r] = ((r / kw) * W + r % kw) * C;
+        at_nchw[r] = (r / kw) * W + r % kw;
+    }
+    const size_t size = bf16 ? 2 : 4;
+    const int64_t parts = nhwc ? (N >= threads ? 1 : (threads + N - 1) / N) : 1;
+    const int64_t items = nhwc ? N * parts : N * C;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t q = 0; q < items; q++) {
+        if (nhwc) {
+            const int64_t n = q / parts, p = q % parts, c_lo = C * p / parts, c_hi = C * (p + 1) / parts;
+            char *gx = (char *)gx_all + (size_t)(n * H * W * C) * size;
+            const uint8_t *idx_n = idx + n * OH * OW * C;
+            const char *gy_n = (const char *)gy + (size_t)(n * OH * OW * C) * size;
+            if (parts == 1) {
+                memset(gx, 0, (size_t)(H * W * C) * size);
+            } else {
+                for (int64_t i = 0; i < H * W; i++) memset(gx + (size_t)(i * C + c_lo) * size, 0, (size_t)(c_hi - c_lo) * size);
+            }
+            if (bf16) {
+                MAXPOOL_SCATTER(uint16_t, bf16_to_f32, f32_to_bf16, at_nhwc, C, c_lo, c_hi - c_lo)
+            } else {
+                MAXPOOL_SCATTER(float, SAME, SAME, at_nhwc, C, c_lo, c_hi - c_lo)
+            }
+        } else {
+            char *gx = (char *)gx_all + (size_t)(q * H * W) * size;
+            const uint8_t *idx_n = idx + q * OH * OW;
+            const char *gy_n = (const char *)gy + (size_t)(q * OH * OW) * size;
+            memset(gx, 0, (size_t)(H * W) * size);
+            if (bf16) {
+                MAXPOOL_SCATTER(uint16_t, bf16_to_f32, f32_to_bf16, at_nchw, 1, 0, 1)
+            } else {
+                MAXPOOL_SCATTER(float, SAME, SAME, at_nchw, 1, 0, 1)
+            }
+        }
+    }
+    return 0;
+}

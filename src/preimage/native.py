@@ -15,6 +15,11 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
   conversion (division by ``std``, bf16, channels-last) and its gradient, one pass each where
   ATen makes one copy per element plus two to four conversions each way (used by
   :meth:`preimage.representations.cnn.ModuleCut.encode_crops`);
+* :func:`max_pool` / :func:`max_pool_backward` -- max pooling as ``F.max_pool2d`` computes it, in
+  fp32 or bf16, NCHW or channels-last, with a one-byte window position per output where torch
+  keeps an int64 input index, and a gradient gathered per input pixel (written once) where torch
+  zero-fills the input gradient and scatters into it (used by
+  :func:`preimage.models.pooling.max_pool2d`);
 * :func:`dsift_normalize` / :func:`dsift_normalize_backward` -- DSIFT's descriptor normalization
   in plain arithmetic (the optimization's DSIFT, ``vlfeat_rounding=False``), a frame at a time,
   where torch makes a dozen passes over strided ``(n, 128, F)`` views each way.
@@ -136,11 +141,13 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
             getattr(lib, name).argtypes = [p, p, p, p, p, i64, i64, i32]
         lib.preimage_crop.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32]
         lib.preimage_uncrop.argtypes = [p, p, p, p, *[i64] * 10, i32, i32]
+        lib.preimage_maxpool.argtypes = [p, p, p, *[i64] * 12, i32, i32, i32, i32]
+        lib.preimage_maxpool_backward.argtypes = [p, p, p, *[i64] * 12, i32, i32, i32]
         lib.preimage_dsift_normalize.argtypes = [p, i64, i64, i64, p, i64, i64, f32, f32, f32, i32]
         lib.preimage_dsift_normalize_backward.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, f32, f32,
                                                           f32, i32]
         for name in ("preimage_update", "preimage_l2_f32", "preimage_l2_bf16", "preimage_crop", "preimage_uncrop",
-                     "preimage_dsift_normalize", "preimage_dsift_normalize_backward"):
+                     "preimage_maxpool", "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -303,3 +310,60 @@ def dsift_normalize_backward(grad: Tensor, hist: Tensor, eps: float, clamp: floa
     lib.preimage_dsift_normalize_backward(hist.data_ptr(), *hist.stride(), grad.data_ptr(), *grad.stride(),
                                           gh.data_ptr(), N, F, eps, clamp, tiny, torch.get_num_threads())
     return gh
+
+
+def pool_layout(x: Tensor) -> bool | None:
+    """``x``'s layout for :func:`max_pool`: False for NCHW, True for channels-last, None where
+    the kernels do not apply (not a dense fp32 / bf16 CPU tensor of 4 dimensions)."""
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        return None
+    if x.is_contiguous():
+        return False
+    return True if x.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def max_pool(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+             out_size: tuple[int, int], indices: bool = True, relu: bool = False,
+             ) -> tuple[Tensor, Tensor | None] | None:
+    """``F.max_pool2d(x, kernel, stride, pad)`` (dilation 1; ``out_size`` from torch's rounding)
+    in one pass, the same values (NaN included), in ``x``'s dtype and layout, with the maximum's
+    position in its window per output (uint8, None unless ``indices``) for
+    :func:`max_pool_backward`; with ``relu``, of ``F.relu(x)`` (255 in the index: no gradient).
+    None where it does not apply (:func:`pool_layout`, windows over 255 pixels, no library)."""
+    nhwc = pool_layout(x)
+    if nhwc is None or kernel[0] * kernel[1] > 255 or min(*kernel, *stride) < 1 or min(pad) < 0:
+        return None
+    lib = library(quiet=True)
+    if lib is None:
+        return None
+    N, C, H, W = x.shape
+    OH, OW = out_size
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    y = torch.empty((N, C, OH, OW), dtype=x.dtype, memory_format=layout)
+    idx = torch.empty((N, C, OH, OW), dtype=torch.uint8, memory_format=layout) if indices else None
+    status = lib.preimage_maxpool(x.data_ptr(), y.data_ptr(), None if idx is None else idx.data_ptr(), N, C, H, W,
+                                  OH, OW, *kernel, *stride, *pad, int(x.dtype == torch.bfloat16), int(nhwc),
+                                  int(relu), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("out of memory in the max-pooling kernel")
+    return y, idx
+
+
+def max_pool_backward(gy: Tensor, idx: Tensor, in_shape: tuple[int, ...], kernel: tuple[int, int],
+                      stride: tuple[int, int], pad: tuple[int, int], nhwc: bool) -> Tensor:
+    """The gradient of :func:`max_pool` w.r.t. its input (shape ``in_shape``, channels-last if
+    ``nhwc`` -- the input's layout, which ``idx``'s does not always tell --, ``gy``'s dtype), as
+    torch computes it, bit for bit: each output's gradient added at its maximum, in output order
+    (in bf16 rounded after each addition, as torch's kernel)."""
+    lib = library(quiet=True)
+    assert lib is not None
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    gy = gy.contiguous(memory_format=layout)
+    N, C, H, W = in_shape
+    gx = torch.empty((N, C, H, W), dtype=gy.dtype, memory_format=layout)
+    status = lib.preimage_maxpool_backward(gy.data_ptr(), idx.data_ptr(), gx.data_ptr(), N, C, H, W, *idx.shape[2:],
+                                           *kernel, *stride, *pad, int(gy.dtype == torch.bfloat16), int(nhwc),
+                                           torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("out of memory in the max-pooling kernel")
+    return gx

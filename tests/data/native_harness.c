@@ -16,6 +16,10 @@ int preimage_uncrop(const void*, const int64_t*, const float*, float*, int64_t, 
 int preimage_dsift_normalize(const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t, float, float, float, int);
 int preimage_dsift_normalize_backward(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                                       float*, int64_t, int64_t, float, float, float, int);
+int preimage_maxpool(const void*, void*, uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                     int64_t, int64_t, int64_t, int64_t, int, int, int, int);
+int preimage_maxpool_backward(const void*, const uint8_t*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int);
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
   int64_t shapes[][4]={{1,3,1,1},{1,3,1,9},{3,1,8,1},{2,3,17,21},{5,3,4,6},{1,3,40,33},{7,1,3,2}};
@@ -52,6 +56,26 @@ int main(void){
     if (preimage_dsift_normalize(h,sn,sd,sf,o,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
     if (preimage_dsift_normalize_backward(h,sn,sd,sf,g,F*128,128,1,gh,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
     free(h);free(o);free(g);free(gh);
+  }
+  /* max pooling and its gradient: (kernel, stride, pad, ceil) geometries, C across the 16-lane
+   * blocks, both dtypes and layouts, with and without the ReLU, buffers of exactly their size */
+  int64_t geo[][7]={{3,3,2,2,0,0,1},{3,3,2,2,1,1,0},{2,2,2,2,0,0,0},{5,3,1,2,2,1,1},{1,1,3,3,0,0,0}};
+  int64_t pshapes[][4]={{1,1,1,1},{2,5,13,11},{1,17,7,8},{3,40,9,10}};
+  for (int q=0;q<5;q++) for (int s=0;s<4;s++) for (int k=0;k<8;k++) for (int th=1; th<=3; th+=2) {
+    int64_t kh=geo[q][0],kw=geo[q][1],sh=geo[q][2],sw=geo[q][3],ph=geo[q][4],pw=geo[q][5],ceil=geo[q][6];
+    int64_t N=pshapes[s][0],C=pshapes[s][1],H=pshapes[s][2],W=pshapes[s][3];
+    if (H+2*ph<kh || W+2*pw<kw) continue;
+    int64_t OH=(H+2*ph-kh+(ceil?sh-1:0))/sh+1, OW=(W+2*pw-kw+(ceil?sw-1:0))/sw+1;
+    if (ceil && (OH-1)*sh>=H+ph) OH--;
+    if (ceil && (OW-1)*sw>=W+pw) OW--;
+    int bf=k&1, nhwc=(k>>1)&1, relu=k>>2; size_t es=bf?2:4; int64_t n=N*C*H*W, m=N*C*OH*OW;
+    void *x=malloc(n*es), *y=malloc(m*es), *gy=malloc(m*es), *gx=malloc(n*es); uint8_t *id=malloc(m);
+    for (int64_t i=0;i<n;i++){ float v=rnd()*4; if (bf) ((uint16_t*)x)[i]=(uint16_t)(*(uint32_t*)&v>>16); else ((float*)x)[i]=v; }
+    for (int64_t i=0;i<m;i++){ float v=rnd(); if (bf) ((uint16_t*)gy)[i]=(uint16_t)(*(uint32_t*)&v>>16); else ((float*)gy)[i]=v; }
+    if (preimage_maxpool(x,y,id,N,C,H,W,OH,OW,kh,kw,sh,sw,ph,pw,bf,nhwc,relu,th)) return 1;
+    if (preimage_maxpool(x,y,NULL,N,C,H,W,OH,OW,kh,kw,sh,sw,ph,pw,bf,nhwc,relu,th)) return 1;
+    if (preimage_maxpool_backward(gy,id,gx,N,C,H,W,OH,OW,kh,kw,sh,sw,ph,pw,bf,nhwc,th)) return 1;
+    free(x);free(y);free(gy);free(gx);free(id);
   }
   puts("ok"); return 0;
 }

@@ -57,6 +57,7 @@ unsupported layer type, missing or mis-shaped weights -- raises :class:`ModelErr
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -72,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import caffe_pb2
+from .pooling import max_pool2d
 
 __all__ = [
     "CaffeLayer",
@@ -257,14 +259,6 @@ def caffe_pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil: 
     return out
 
 
-def _torch_pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
-    """``torch``'s pooled size (ATen ``pooling_output_shape``), which always applies the clip."""
-    out = (size + 2 * pad - kernel + (stride - 1 if ceil else 0)) // stride + 1
-    if ceil and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
 class CaffePooling(nn.Module):
     """Caffe's Pooling layer (MAX or AVE), with Caffe's output size and window clipping."""
 
@@ -275,6 +269,17 @@ class CaffePooling(nn.Module):
             raise ValueError(f"unsupported pooling method {method!r}")
         self.method, self.kernel, self.stride, self.pad = method, kernel, stride, pad
         self.global_pooling, self.ceil = global_pooling, ceil
+        self.relu_first = False  # pool F.relu(x) (see fused_with_relu)
+
+    def fused_with_relu(self) -> CaffePooling:
+        """This max pooling applied to ``F.relu(x)``, the ReLU fused into the pooling kernel
+        (:func:`~preimage.models.pooling.max_pool2d`): a copy, for a ReLU whose output only this
+        pooling reads (see :func:`~preimage.models.fusion.fuse_relu_pool`)."""
+        if self.method != "MAX" or self.global_pooling:
+            raise ValueError("only max pooling takes a ReLU in")
+        fused = copy.copy(self)
+        fused.relu_first = True
+        return fused
 
     def extra_repr(self) -> str:
         if self.global_pooling:
@@ -299,14 +304,14 @@ class CaffePooling(nn.Module):
             # torch's pooling clips windows exactly like Caffe; its output size differs from Caffe's
             # only without padding, by one trailing window that lies wholly outside the image.
             if self.method == "MAX":
-                y = F.max_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil)
+                y = max_pool2d(x, self.kernel, self.stride, self.pad, self.ceil, relu=self.relu_first)
             else:
                 y = F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil, count_include_pad=True)
             extra_h, extra_w = oh - y.shape[-2], ow - y.shape[-1]
             if extra_h or extra_w:
                 y = F.pad(y, (0, extra_w, 0, extra_h), value=-_FLT_MAX if self.method == "MAX" else 0.0)
             return y
-        return self._general(x, oh, ow)
+        return self._general(F.relu(x) if self.relu_first else x, oh, ow)
 
     def _general(self, x: Tensor, oh: int, ow: int) -> Tensor:
         """Any geometry (padding over half the kernel): explicit padding + unpadded pooling."""
@@ -316,7 +321,7 @@ class CaffePooling(nn.Module):
         bottom, right = (oh - 1) * sh + kh - height - ph, (ow - 1) * sw + kw - width - pw
         if self.method == "MAX":
             xp = F.pad(x, (pw, right, ph, bottom), value=-math.inf)
-            return F.max_pool2d(xp, self.kernel, self.stride).clamp_min(-_FLT_MAX)  # empty window: -FLT_MAX
+            return max_pool2d(xp, self.kernel, self.stride, (0, 0), False).clamp_min(-_FLT_MAX)  # empty window: -FLT_MAX
         sums = F.avg_pool2d(F.pad(x, (pw, right, ph, bottom)), self.kernel, self.stride, divisor_override=1)
 
         def sizes(n_out: int, size: int, k: int, s: int, p: int) -> Tensor:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .caffe import CaffeLRN, CaffePooling, ModelError
+from .pooling import max_pool2d
 
 __all__ = [
     "ARCHITECTURES",
@@ -216,7 +217,7 @@ class Pool2d(CaffePooling):
         if self.method == "MAX":
             if padded:
                 x = F.pad(x, (lf, rt, t, b), value=-math.inf)
-            return F.max_pool2d(x, self.kernel, self.stride)
+            return max_pool2d(x, self.kernel, self.stride, (0, 0), False, relu=self.relu_first)
         if not padded:
             return F.avg_pool2d(x, self.kernel, self.stride)
         sums = F.avg_pool2d(F.pad(x, (lf, rt, t, b)), self.kernel, self.stride, divisor_override=1)

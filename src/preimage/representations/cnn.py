@@ -106,6 +106,7 @@ class ModuleCut(Representation):
         self.scale, self.bgr = float(scale), bgr
         self.channels_last = channels_last
         self._input_gradient: InputGradientHooks | None = None  # see for_optimization
+        self._optimized = False  # for_optimization's copy
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
         self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
 
@@ -167,14 +168,25 @@ class ModuleCut(Representation):
         """This cut with the image-facing strided convolutions back-propagated by
         :mod:`~preimage.representations.input_conv` (the same gradient: on the CPU as a sub-pixel
         convolution, 2-7x faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1; on CUDA
-        in the form cuDNN runs fast); ``self`` when the model has none."""
-        if self._input_gradient is not None:
+        in the form cuDNN runs fast), and each ReLU that only a max pooling reads fused into it
+        (:func:`~preimage.models.fusion.fuse_relu_pool`: the same values and gradients); ``self``
+        when the model has neither."""
+        if self._optimized:
             return self
+        from ..models.fusion import fuse_relu_pool
+
         convs = [m for m in self.model.modules() if qualifies(m)]
-        if not convs:
+        fused = fuse_relu_pool(self.model, self._target)
+        if not convs and fused is None:
             return self
-        fast = copy.copy(self)  # shares the model and the buffers; only the hooks differ
-        fast._input_gradient = InputGradientHooks(convs)
+        fast = copy.copy(self)  # shares the model's modules and the buffers
+        fast._modules = dict(self._modules)  # (copy.copy shares the dict: fast.model = ... would rebind self's)
+        if fused is not None:
+            fast.model, replaced = fused
+            fast._target = replaced.get(self._target, self._target)
+        if convs:
+            fast._input_gradient = InputGradientHooks(convs)
+        fast._optimized = True
         return fast
 
     @property
