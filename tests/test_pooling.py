@@ -28,7 +28,7 @@ GEOMETRIES = [  # kernel, stride, pad, ceil
 ]
 
 
-def _bits(t: Tensor) -> Tensor:  # noqa: F821 - torch.Tensor
+def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
 
 

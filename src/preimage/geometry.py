@@ -53,6 +53,7 @@ from .models.caffe import (
     CaffeSplit,
 )
 from .models.networks import PaddedConv2d, SequentialNet
+from .models.pooling import torch_pool_size
 from .representations.base import Geometry
 
 __all__ = ["GeometryError", "LayerInfo", "layer_geometry", "minimum_input_size", "receptive_fields"]
@@ -125,14 +126,6 @@ def _collapse(name: str, st: _State, channels: int) -> _State:
     return _State(channels, None, rf, st.stride)  # type: ignore[arg-type]
 
 
-def _torch_pool_size(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil else span // s) + 1
-    if ceil and (out - 1) * s >= size + p:
-        out -= 1
-    return out
-
-
 def _step(name: str, m: nn.Module, st: _State) -> _State:
     """The state after layer ``m`` (one input)."""
     if isinstance(m, nn.Conv2d):
@@ -166,8 +159,8 @@ def _step(name: str, m: nn.Module, st: _State) -> _State:
         pp = _pair(m.padding)
         pd = _pair(m.dilation) if isinstance(m, nn.MaxPool2d) else (1, 1)
         ceil = bool(m.ceil_mode)
-        pout = (_torch_pool_size(h, pk[0], ps[0], pp[0], pd[0], ceil),
-                _torch_pool_size(w, pk[1], ps[1], pp[1], pd[1], ceil))
+        pout = (torch_pool_size(h, pk[0], ps[0], pp[0], pd[0], ceil),
+                torch_pool_size(w, pk[1], ps[1], pp[1], pd[1], ceil))
         return _window(name, st, pk, ps, pd, pout, st.channels)
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         h, w = _spatial(name, st)

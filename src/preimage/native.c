@@ -549,29 +549,26 @@ int preimage_maxpool(const void *x, void *y, uint8_t *idx, int64_t N, int64_t C,
                      int nhwc, int relu, int threads) {
     const int64_t rows = (nhwc ? N : N * C) * OH;
     if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < rows; q++) {
-            const int64_t oh = q % OH, h0 = pool_lo(oh, sh, ph), h1 = pool_hi(oh, sh, ph, kh, H);
-            if (nhwc) {
-                const int64_t n = q / OH;
-                if (bf16 && relu) {
-                    MAXPOOL_NHWC(uint16_t, bf16_to_f32, f32_to_bf16, 1)
-                } else if (bf16) {
-                    MAXPOOL_NHWC(uint16_t, bf16_to_f32, f32_to_bf16, 0)
-                } else if (relu) {
-                    MAXPOOL_NHWC(float, SAME, SAME, 1)
-                } else {
-                    MAXPOOL_NHWC(float, SAME, SAME, 0)
-                }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t q = 0; q < rows; q++) {
+        const int64_t oh = q % OH, h0 = pool_lo(oh, sh, ph), h1 = pool_hi(oh, sh, ph, kh, H);
+        if (nhwc) {
+            const int64_t n = q / OH;
+            if (bf16 && relu) {
+                MAXPOOL_NHWC(uint16_t, bf16_to_f32, f32_to_bf16, 1)
+            } else if (bf16) {
+                MAXPOOL_NHWC(uint16_t, bf16_to_f32, f32_to_bf16, 0)
+            } else if (relu) {
+                MAXPOOL_NHWC(float, SAME, SAME, 1)
             } else {
-                const int64_t plane = q / OH;
-                if (bf16) {
-                    MAXPOOL_NCHW(uint16_t, bf16_to_f32, f32_to_bf16)
-                } else {
-                    MAXPOOL_NCHW(float, SAME, SAME)
-                }
+                MAXPOOL_NHWC(float, SAME, SAME, 0)
+            }
+        } else {
+            const int64_t plane = q / OH;
+            if (bf16) {
+                MAXPOOL_NCHW(uint16_t, bf16_to_f32, f32_to_bf16)
+            } else {
+                MAXPOOL_NCHW(float, SAME, SAME)
             }
         }
     }

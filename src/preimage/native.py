@@ -312,10 +312,13 @@ def dsift_normalize_backward(grad: Tensor, hist: Tensor, eps: float, clamp: floa
     return gh
 
 
-def pool_layout(x: Tensor) -> bool | None:
+def pool_layout(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int]) -> bool | None:
     """``x``'s layout for :func:`max_pool`: False for NCHW, True for channels-last, None where
-    the kernels do not apply (not a dense fp32 / bf16 CPU tensor of 4 dimensions)."""
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+    the kernels do not apply (not a dense, non-empty fp32 / bf16 CPU tensor of 4 dimensions,
+    windows over 255 pixels, no library)."""
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not x.numel():
+        return None
+    if kernel[0] * kernel[1] > 255 or min(*kernel, *stride) < 1 or min(pad) < 0 or library(quiet=True) is None:
         return None
     if x.is_contiguous():
         return False
@@ -330,12 +333,11 @@ def max_pool(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pad: t
     position in its window per output (uint8, None unless ``indices``) for
     :func:`max_pool_backward`; with ``relu``, of ``F.relu(x)`` (255 in the index: no gradient).
     None where it does not apply (:func:`pool_layout`, windows over 255 pixels, no library)."""
-    nhwc = pool_layout(x)
-    if nhwc is None or kernel[0] * kernel[1] > 255 or min(*kernel, *stride) < 1 or min(pad) < 0:
+    nhwc = pool_layout(x, kernel, stride, pad)
+    if nhwc is None:
         return None
     lib = library(quiet=True)
-    if lib is None:
-        return None
+    assert lib is not None
     N, C, H, W = x.shape
     OH, OW = out_size
     layout = torch.channels_last if nhwc else torch.contiguous_format

@@ -36,7 +36,7 @@ def fuse_relu_pool(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[n
         replaced: dict[nn.Module, nn.Module] = {}
         for i in range(len(items) - 1):
             (relu_name, relu), (pool_name, pool) = items[i], items[i + 1]
-            if _fusable(relu, pool, keep) and relu not in replaced:
+            if _fusable(relu, pool, keep):
                 replaced[pool] = pool.fused_with_relu()  # type: ignore[union-attr]
                 items[i], items[i + 1] = (relu_name, nn.Identity()), (pool_name, replaced[pool])
         if not replaced:

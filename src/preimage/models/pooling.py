@@ -20,9 +20,10 @@ from torch import Tensor
 from .. import native
 
 
-def _out_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
-    """torch's pooled size (ATen ``pooling_output_shape``, dilation 1)."""
-    out = (size + 2 * pad - kernel + (stride - 1 if ceil else 0)) // stride + 1
+def torch_pool_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
+    """torch's pooled size (ATen ``pooling_output_shape``)."""
+    span = size + 2 * pad - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil else span // stride) + 1
     if ceil and (out - 1) * stride >= size + pad:
         out -= 1
     return out
@@ -59,11 +60,10 @@ def max_pool2d(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pad:
     :func:`preimage.native.max_pool` where it applies: then the ReLU costs nothing (the pooled
     maximum is clipped at 0 and its gradient dropped where it was not positive; the same values
     and gradients, since max pooling and the ReLU commute)."""
-    nhwc = native.pool_layout(x)
-    if (nhwc is None or not native.enabled() or kernel[0] * kernel[1] > 255 or min(x.shape) == 0
-            or native.library(quiet=True) is None):
+    nhwc = native.pool_layout(x, kernel, stride, pad)  # (None with PREIMAGE_NATIVE=0: no library)
+    if nhwc is None:
         return _torch(x, kernel, stride, pad, ceil_mode, relu)
-    out_size = tuple(_out_size(s, k, st, p, ceil_mode) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
+    out_size = tuple(torch_pool_size(s, k, st, p, 1, ceil_mode) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
     if min(out_size) < 1:
         return _torch(x, kernel, stride, pad, ceil_mode, relu)  # torch's own error
     if torch.is_grad_enabled() and x.requires_grad:
