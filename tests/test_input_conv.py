@@ -28,6 +28,10 @@ def _frozen(conv: nn.Conv2d) -> nn.Conv2d:
     (7, 2, 3, (17, 17)),    # ResNet's stem
     (5, 3, 2, (16, 20)),    # input rows no window reaches (zero gradient)
     ((3, 5), (2, 3), (1, 0), (15, 19)),  # non-square kernel and stride
+    (3, 1, 1, (17, 16)),    # VGG conv1_1: stride 1, computed in 2 x 2 blocks
+    (3, 1, 0, (15, 16)),    # stride 1, odd padded height: one more block row
+    (2, 1, 0, (9, 10)),     # even kernel
+    ((5, 3), 1, (2, 0), (14, 13)),
 ])
 def test_input_gradient_is_the_convolutions_gradient(kernel, stride, padding, size) -> None:
     """gradcheck in float64: the sub-pixel formula is the transpose of the convolution."""
@@ -61,7 +65,8 @@ def test_which_convolutions_qualify() -> None:
         return _frozen(nn.Conv2d(*args, **kw))  # type: ignore[arg-type]
 
     assert qualifies(conv(3, 8, 7, stride=2))
-    assert not qualifies(conv(3, 8, 3, stride=1))            # stride 1: oneDNN is as fast
+    assert qualifies(conv(3, 8, 3, stride=1, padding=1))     # VGG conv1_1: blocked
+    assert not qualifies(conv(3, 8, 1, stride=1))            # 1x1: a matrix product already
     assert not qualifies(conv(16, 8, 3, stride=2))           # not image-facing
     assert not qualifies(conv(4, 8, 3, stride=2, groups=2))
     assert not qualifies(conv(3, 8, 3, stride=2, dilation=2))
@@ -73,7 +78,7 @@ def test_which_convolutions_qualify() -> None:
             return super().forward(x) * 2
 
     assert not qualifies(_frozen(Custom(3, 8, 7, stride=2)))  # an unknown forward
-    rep = ModuleCut(nn.Sequential(conv(3, 8, 3), nn.ReLU()), "1", mean=(0, 0, 0), probe_size=32)
+    rep = ModuleCut(nn.Sequential(conv(3, 8, 1), nn.ReLU()), "1", mean=(0, 0, 0), probe_size=32)
     assert rep.for_optimization() is rep  # nothing to replace
 
 
@@ -190,10 +195,13 @@ def test_the_method_follows_device_precision_and_alignment(monkeypatch: pytest.M
 
     stride2 = _frozen(nn.Conv2d(3, 8, 7, stride=2))  # 12 sub-pixel channels
     stride4 = _frozen(nn.Conv2d(3, 8, 11, stride=4))  # 48
+    stride1 = _frozen(nn.Conv2d(3, 8, 3, padding=1))
     x = torch.randn(2, 3, 29, 29, requires_grad=True)
     assert input_conv.method(stride2, x) == "subpixel" and input_conv.method(stride4, x) == "subpixel"
+    assert input_conv.method(stride1, x) == "subpixel"
     monkeypatch.setattr(input_conv, "DEVICES", set())
     monkeypatch.setattr(input_conv, "ALIGNED_DEVICES", {"cpu"})
+    assert input_conv.method(low_precision(stride1, torch.bfloat16), x) is None  # blocked: CPU only
     assert input_conv.method(stride2, x) is None  # fp32, 12 channels: autograd's own
     assert input_conv.method(stride4, x) == "subpixel"
     fast = low_precision(stride2, torch.bfloat16, channels_last=True)
@@ -207,3 +215,24 @@ def test_the_method_follows_device_precision_and_alignment(monkeypatch: pytest.M
     assert "InputGradient" in type(out.grad_fn).__name__
     (got,) = torch.autograd.grad(out, xb, g)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vgg_conv1_1_cut_same_code_and_gradient(precision: str) -> None:
+    """VGG-VD-16 conv1_1 -> relu1_2 (random weights, channels-last as the engine runs it): the
+    stride-1 blocked gradient agrees with autograd's to rounding, in both channel orders."""
+    torch.manual_seed(0)
+    net = build("vgg-vd-16")
+    model = low_precision(net) if precision == "bf16" else net
+    for channels_last in (True, False):
+        rep = ModuleCut(model, "relu1_2", mean=(0, 0, 0), std=(1, 1, 1), channels_last=channels_last,
+                        probe_size=37)
+        fast = rep.for_optimization()
+        assert fast.fast_input_gradient == [model.conv1_1]
+        x = (torch.randn(2, 3, 37, 36) * 50).requires_grad_(True)
+        c_ref, c_fast = rep(x), fast(x)
+        assert torch.equal(c_ref, c_fast)
+        g = torch.randn(c_ref.shape).to(c_ref.dtype)
+        (want,) = torch.autograd.grad(c_ref, x, g)
+        (got,) = torch.autograd.grad(c_fast, x, g)
+        assert ((got - want).norm() / want.norm()).item() < (1e-6 if precision == "fp32" else 1e-3)

@@ -1,4 +1,4 @@
-"""The image-facing strided convolution, back-propagated as a sub-pixel convolution (issue 5).
+"""The image-facing convolution, back-propagated as a sub-pixel convolution (issue 5).
 
 Every step of the engine back-propagates to the image through the network's first layer: for
 AlexNet, CaffeNet, VGG-M and SqueezeNet a convolution from 3 channels with stride 2 or 4.  The
@@ -22,6 +22,12 @@ module's own; only the backward arithmetic differs.  On CUDA cuDNN wants channel
 are multiples of 8: :func:`method` takes the sub-pixel form where its channels are, and
 otherwise, in bf16, pads the image to 8 channels (:func:`padded_input_gradient`); see
 ``benchmarks/first_conv.py`` and ``benchmarks/README.md``.
+
+A stride-1 image-facing convolution (VGG's conv1_1, 3x3) has the same problem: its transposed
+convolution has 3 output channels.  On the CPU its gradient is computed 2 x 2 pixels at a time
+(:func:`blocked_kernel`): a stride-2 correlation with 12 output channels and a 4x4 kernel, then
+the same shuffle.  VGG-VD-16 conv1_1 at 224 x 224: 0.69-0.74 -> 0.58-0.59 ms per image in bf16,
+2.9-3.2 -> 1.6-1.9 ms in fp32 (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -60,13 +66,14 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 
 
 def qualifies(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain strided convolution on an image (``nn.Conv2d``, or this
-    project's ``DenseConv2d`` / ``PaddedConv2d``; zero padding, no groups or dilation, stride > 1, at most
-    :data:`MAX_IN_CHANNELS` input channels, frozen weights)."""
+    """Whether ``module`` is a plain convolution on an image (``nn.Conv2d``, or this project's
+    ``DenseConv2d`` / ``PaddedConv2d``; zero padding, no groups or dilation, stride > 1 or a kernel
+    wider than 1, at most :data:`MAX_IN_CHANNELS` input channels, frozen weights)."""
     if not isinstance(module, nn.Conv2d) or _padding(module) is None:
         return False
+    strided = tuple(module.stride) != (1, 1)
     return (module.groups == 1 and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros"
-            and tuple(module.stride) != (1, 1) and module.in_channels <= MAX_IN_CHANNELS
+            and (strided or max(module.kernel_size) > 1) and module.in_channels <= MAX_IN_CHANNELS
             and not module.weight.requires_grad)
 
 
@@ -82,6 +89,31 @@ def subpixel_kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
     kernel = phases.flip(-2, -1).reshape(ci * sh * sw, co, Mh, Mw)
     layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and kh * kw > 1 \
         else torch.contiguous_format
+    return kernel.contiguous(memory_format=layout)
+
+
+BLOCK = 2  # a stride-1 convolution's input gradient is computed BLOCK x BLOCK pixels at a time
+
+
+def blocked_kernel(weight: Tensor, block: int = BLOCK) -> Tensor:
+    """The kernel of a stride-1 convolution's input gradient computed ``block x block`` pixels
+    at a time: ``(C_in*block*block, C_out, kh+block-1, kw+block-1)``, for a stride-``block``
+    correlation of the output gradient (padded by ``k - 1``) whose phase ``(ry, rx)`` holds the
+    flipped kernel shifted by ``(ry, rx)``.
+
+    With ``Y = block*q + r``, ``dx[Y] = sum_t W[t] g[Y - t] = sum_m K_r[m] gpad[block*q + m]``
+    where ``gpad`` is ``g`` padded by ``k - 1`` and ``K_r[m] = W[r + k - 1 - m]`` (zero outside the
+    kernel).  It has ``block*block`` times the output channels of the plain transposed
+    convolution, which oneDNN needs to keep its matrix units busy when the image has 3 channels.
+    """
+    co, ci, kh, kw = weight.shape
+    flipped = weight.flip(-2, -1).transpose(0, 1)  # (ci, co, kh, kw)
+    kernel = weight.new_zeros(ci, block, block, co, kh + block - 1, kw + block - 1)
+    for ry in range(block):
+        for rx in range(block):
+            kernel[:, ry, rx, :, ry:ry + kh, rx:rx + kw] = flipped
+    kernel = kernel.reshape(ci * block * block, co, kh + block - 1, kw + block - 1)
+    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return kernel.contiguous(memory_format=layout)
 
 
@@ -110,14 +142,38 @@ def input_gradient(grad_out: Tensor, weight: Tensor, stride: tuple[int, int], of
                    size: tuple[int, int]) -> Tensor:
     """The gradient of ``conv2d(pad(x), weight, stride)`` with respect to ``x`` ``(N, C_in, *size)``,
     given the output's gradient; ``offset`` is the (top, left) padding."""
-    sh, sw = stride
-    kernel = _cached(weight, stride, lambda: subpixel_kernel(weight, stride))
-    Mh, Mw = kernel.shape[-2:]
-    phases = F.conv2d(grad_out, kernel, padding=(Mh - 1, Mw - 1))  # (N, C_in*sh*sw, Qh, Qw)
+    ci, (kh, kw) = weight.shape[1], weight.shape[-2:]
+    last = grad_out.dim() == 4 and not grad_out.is_contiguous() and grad_out.is_contiguous(memory_format=torch.channels_last)
+    if tuple(stride) == (1, 1):
+        sh = sw = BLOCK
+        # the blocks' rows / columns, from -margin: one more block where the last input row would be missed
+        margin = [BLOCK if BLOCK * ((o + k - 1) // BLOCK) < o + k - 1 else 0
+                  for o, k in zip(grad_out.shape[-2:], (kh, kw))]
+        kernel = _cached(weight, ("blocked", last), lambda: _phases_last(blocked_kernel(weight), ci, last))
+        phases = F.conv2d(grad_out, kernel, stride=BLOCK, padding=(kh - 1 + margin[0], kw - 1 + margin[1]))
+        offset = (offset[0] + margin[0], offset[1] + margin[1])
+    else:
+        sh, sw = stride
+        kernel = _cached(weight, (stride, last), lambda: _phases_last(subpixel_kernel(weight, stride), ci, last))
+        Mh, Mw = kernel.shape[-2:]
+        phases = F.conv2d(grad_out, kernel, padding=(Mh - 1, Mw - 1))  # (N, C_in*sh*sw, Qh, Qw)
     n, _, Qh, Qw = phases.shape
-    ci = weight.shape[1]
-    full = phases.view(n, ci, sh, sw, Qh, Qw).permute(0, 1, 4, 2, 5, 3).reshape(n, ci, Qh * sh, Qw * sw)
+    if last:  # channels (ry, rx, c) -> a channels-last gradient, copied in runs of sw * ci values
+        full = phases.permute(0, 2, 3, 1).reshape(n, Qh, Qw, sh, sw, ci).transpose(2, 3)
+        full = full.reshape(n, Qh * sh, Qw * sw, ci).permute(0, 3, 1, 2)
+    else:
+        full = phases.view(n, ci, sh, sw, Qh, Qw).permute(0, 1, 4, 2, 5, 3).reshape(n, ci, Qh * sh, Qw * sw)
     return _crop(full, offset, size)
+
+
+def _phases_last(kernel: Tensor, ci: int, last: bool) -> Tensor:
+    """A phase kernel's output channels reordered from ``(c, ry, rx)`` to ``(ry, rx, c)`` when
+    ``last`` (channels-last gradients: the shuffle then copies runs of ``sw * ci`` values)."""
+    if not last:
+        return kernel
+    co, rest = kernel.shape[0], kernel.shape[1:]
+    layout = torch.channels_last if kernel.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return kernel.view(ci, co // ci, *rest).transpose(0, 1).reshape(co, *rest).contiguous(memory_format=layout)
 
 
 def padded_weight(weight: Tensor) -> Tensor:
@@ -149,6 +205,8 @@ def method(conv: nn.Conv2d, x: Tensor) -> str | None:
     device = x.device.type
     if device in DEVICES:
         return "subpixel"
+    if tuple(conv.stride) == (1, 1):
+        return None  # the blocked form is measured on the CPU only
     if device in ALIGNED_DEVICES:
         if conv.in_channels * conv.stride[0] * conv.stride[1] % PAD_TO == 0:
             return "subpixel"
