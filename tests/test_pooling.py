@@ -4,7 +4,6 @@ bit for bit, and the same codes and image gradients with and without the fusion.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from preimage import native
-from preimage.models import load_caffe
-from preimage.models.caffe import CaffePooling
-from preimage.models.fusion import fuse_relu_pool
-from preimage.models.networks import Pool2d, SequentialNet
 from preimage.models.pooling import max_pool2d
-from preimage.representations.cnn import ModuleCut
 
 needs_library = pytest.mark.skipif(native.library(quiet=True) is None,
                                    reason=f"the C kernels cannot be built here: {native.failure()}")
@@ -107,97 +101,3 @@ def test_max_pool_without_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     y = max_pool2d(x, (3, 3), (2, 2), (1, 1), False, relu=True)
     assert y.grad_fn is not None and "MaxPool" in type(y.grad_fn).__name__ and "_MaxPool" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, F.max_pool2d(F.relu(x), 3, 2, 1), rtol=0, atol=0)
-
-
-def _check_cut(cut: ModuleCut, x: torch.Tensor) -> ModuleCut:
-    """for_optimization's copy of ``cut`` gives the same code and image gradient as ``cut`` with
-    the same input-gradient hooks but no fusion; returns the copy."""
-    fast = cut.for_optimization()
-    assert fast.for_optimization() is fast
-    plain = cut.for_optimization.__func__  # the copy without the fusion: patch it out
-    import preimage.models.fusion as fusion
-
-    original = fusion.fuse_relu_pool
-    fusion.fuse_relu_pool = lambda model, keep: None
-    try:
-        cut._optimized = False
-        unfused = plain(cut)
-    finally:
-        fusion.fuse_relu_pool = original
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    code_fast, code_plain = fast(a), unfused(b)
-    assert torch.equal(code_fast, code_plain)
-    g = torch.randn(code_fast.shape, generator=torch.Generator().manual_seed(1)).to(code_fast.dtype)
-    code_fast.backward(g)
-    code_plain.backward(g)
-    assert torch.equal(a.grad, b.grad)
-    return fast
-
-
-def _sequential() -> SequentialNet:
-    torch.manual_seed(0)
-    return SequentialNet([("conv1", nn.Conv2d(3, 8, 3)), ("relu1", nn.ReLU()), ("pool1", Pool2d(3, 2)),
-                          ("conv2", nn.Conv2d(8, 16, 3, padding=1)), ("relu2", nn.ReLU()),
-                          ("pool2", Pool2d(2, 2, ceil_mode=False)), ("conv3", nn.Conv2d(16, 4, 1))])
-
-
-@needs_library
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fusion_of_a_sequential_network(dtype: torch.dtype) -> None:
-    model = _sequential().to(dtype).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 29, 29) * 40
-    cut = ModuleCut(model, "conv3", mean=(0, 0, 0), std=(1, 1, 1), channels_last=True)
-    fast = _check_cut(cut, x)
-    assert isinstance(fast.model.relu1, nn.Identity) and fast.model.pool1.relu_first
-    assert isinstance(fast.model.relu2, nn.Identity) and fast.model.pool2.relu_first
-    assert isinstance(cut.model.relu1, nn.ReLU) and not cut.model.pool1.relu_first  # the original is untouched
-    assert fast.model.conv1 is cut.model.conv1  # the other modules are shared
-    # a cut at the pooling returns the fused pooling's output; a cut at a ReLU keeps that ReLU
-    at_pool = _check_cut(ModuleCut(model, "pool2", mean=(0, 0, 0), std=(1, 1, 1), channels_last=True), x)
-    assert at_pool._target is at_pool.model.pool2 and at_pool.model.pool2.relu_first
-    at_relu = _check_cut(ModuleCut(model, "relu2", mean=(0, 0, 0), std=(1, 1, 1), channels_last=True), x)
-    assert isinstance(at_relu.model.relu2, nn.ReLU) and isinstance(at_relu.model.relu1, nn.Identity)
-
-
-@needs_library
-def test_fusion_of_a_caffe_network(tmp_path: Path) -> None:
-    """In-place ReLUs as Caffe writes them: fused where the pooling is the blob's only reader,
-    left alone where another layer reads the ReLU's output too, or the pooling averages."""
-    proto = tmp_path / "net.prototxt"
-    proto.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 31 input_dim: 31\n'
-                     'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
-                     'convolution_param { num_output: 8 kernel_size: 3 } }\n'
-                     'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }\n'
-                     'layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" '
-                     'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n'
-                     'layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2" '
-                     'convolution_param { num_output: 8 kernel_size: 3 } }\n'
-                     'layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }\n'
-                     'layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" '
-                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
-                     'layer { name: "side" type: "Pooling" bottom: "conv2" top: "side" '
-                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
-                     'layer { name: "sum" type: "Eltwise" bottom: "pool2" bottom: "side" top: "sum" }\n'
-                     'layer { name: "conv3" type: "Convolution" bottom: "sum" top: "conv3" '
-                     'convolution_param { num_output: 4 kernel_size: 1 } }\n'
-                     'layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }\n'
-                     'layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3" '
-                     'pooling_param { pool: AVE kernel_size: 2 stride: 2 } }\n')
-    torch.manual_seed(0)
-    net = load_caffe(proto, None)
-    for p in net.parameters():
-        nn.init.normal_(p, std=0.2)
-    cut = ModuleCut(net, "pool3", mean=(0, 0, 0), std=(1, 1, 1))
-    fast = _check_cut(cut, torch.randn(2, 3, 31, 31) * 40)
-    assert isinstance(fast.model.relu1, nn.Identity) and fast.model.pool1.relu_first
-    assert isinstance(fast.model.relu2, nn.ReLU) and not fast.model.pool2.relu_first  # "side" reads it too
-    assert isinstance(fast.model.relu3, nn.ReLU)  # average pooling
-    assert isinstance(net.relu1, nn.ReLU)
-
-
-def test_no_fusion_for_other_models() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
-    assert fuse_relu_pool(model, model[2]) is None
-    pool = CaffePooling("AVE", (2, 2), (2, 2), (0, 0))
-    with pytest.raises(ValueError, match="max pooling"):
-        pool.fused_with_relu()

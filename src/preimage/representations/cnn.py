@@ -168,15 +168,16 @@ class ModuleCut(Representation):
         """This cut with the image-facing strided convolutions back-propagated by
         :mod:`~preimage.representations.input_conv` (the same gradient: on the CPU as a sub-pixel
         convolution, 2-7x faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1; on CUDA
-        in the form cuDNN runs fast), and each ReLU that only a max pooling reads fused into it
-        (:func:`~preimage.models.fusion.fuse_relu_pool`: the same values and gradients); ``self``
-        when the model has neither."""
+        in the form cuDNN runs fast; VGG's stride-1 conv1_1 in 2 x 2 blocks), each ReLU that only
+        a max pooling reads fused into it, and each other convolution -> ReLU pair run as one oneDNN
+        call (:func:`~preimage.models.fusion.fuse`: the same values and gradients); ``self`` when
+        the model has none of these."""
         if self._optimized:
             return self
-        from ..models.fusion import fuse_relu_pool
+        from ..models.fusion import fuse
 
         convs = [m for m in self.model.modules() if qualifies(m)]
-        fused = fuse_relu_pool(self.model, self._target)
+        fused = fuse(self.model, self._target)
         if not convs and fused is None:
             return self
         fast = copy.copy(self)  # shares the model's modules and the buffers
