@@ -581,9 +581,28 @@ int preimage_maxpool(const void *x, void *y, uint8_t *idx, int64_t N, int64_t C,
  * order (in bf16 each addition is rounded, as torch's BFloat16 +=).  gy and idx have y's shape and
  * layout, gx x's.  Threads share images and, when there are fewer images than threads, the
  * channels of an image (channels-last) or planes (NCHW): no two write the same element. */
+/* zero input rows [r0, r1) of one image (NHWC: channels [first, first + count) of STEP) or plane */
+static void zero_rows(char *gx, int64_t r0, int64_t r1, int64_t W, int64_t step, int64_t first, int64_t count,
+                      size_t size) {
+    if (r1 <= r0) return;
+    if (count == step) {
+        memset(gx + (size_t)(r0 * W * step) * size, 0, (size_t)((r1 - r0) * W * step) * size);
+        return;
+    }
+    for (int64_t i = r0 * W; i < r1 * W; i++) memset(gx + (size_t)(i * step + first) * size, 0, (size_t)count * size);
+}
+
+/* The input rows are zeroed just before the first output row whose windows reach them, so each
+ * row is written while it is still in cache rather than in a pass over the whole image first. */
 #define MAXPOOL_SCATTER(T, LOAD, STORE, AT, STEP, FIRST, COUNT)                                            \
+    int64_t zeroed = 0;                                                                                    \
     for (int64_t oh = 0; oh < OH; oh++) {                                                                  \
         const int64_t h0 = pool_lo(oh, sh, ph);                                                            \
+        const int64_t reach = h0 + kh < H ? h0 + kh : H;                                                   \
+        if (reach > zeroed) {                                                                              \
+            zero_rows(gx, zeroed, reach, W, STEP, FIRST, COUNT, sizeof(T));                                \
+            zeroed = reach;                                                                                \
+        }                                                                                                  \
         for (int64_t ow = 0; ow < OW; ow++) {                                                              \
             const int64_t w0 = pool_lo(ow, sw, pw), o = (oh * OW + ow) * STEP + (FIRST);                   \
             T *base = (T *)gx + (h0 * W + w0) * STEP + (FIRST);                                            \
@@ -594,7 +613,8 @@ int preimage_maxpool(const void *x, void *y, uint8_t *idx, int64_t N, int64_t C,
                 *at = STORE(LOAD(*at) + (r == POOL_NONE ? -0.0f : g)); /* x + -0 is x: no branch */        \
             }                                                                                              \
         }                                                                                                  \
-    }
+    }                                                                                                      \
+    zero_rows(gx, zeroed, H, W, STEP, FIRST, COUNT, sizeof(T)); /* rows no window reaches */
 
 int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, int64_t N, int64_t C, int64_t H,
                               int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
@@ -616,11 +636,6 @@ int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, 
             char *gx = (char *)gx_all + (size_t)(n * H * W * C) * size;
             const uint8_t *idx_n = idx + n * OH * OW * C;
             const char *gy_n = (const char *)gy + (size_t)(n * OH * OW * C) * size;
-            if (parts == 1) {
-                memset(gx, 0, (size_t)(H * W * C) * size);
-            } else {
-                for (int64_t i = 0; i < H * W; i++) memset(gx + (size_t)(i * C + c_lo) * size, 0, (size_t)(c_hi - c_lo) * size);
-            }
             if (bf16) {
                 MAXPOOL_SCATTER(uint16_t, bf16_to_f32, f32_to_bf16, at_nhwc, C, c_lo, c_hi - c_lo)
             } else {
@@ -630,7 +645,6 @@ int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, 
             char *gx = (char *)gx_all + (size_t)(q * H * W) * size;
             const uint8_t *idx_n = idx + q * OH * OW;
             const char *gy_n = (const char *)gy + (size_t)(q * OH * OW) * size;
-            memset(gx, 0, (size_t)(H * W) * size);
             if (bf16) {
                 MAXPOOL_SCATTER(uint16_t, bf16_to_f32, f32_to_bf16, at_nchw, 1, 0, 1)
             } else {
