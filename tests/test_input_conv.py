@@ -78,7 +78,7 @@ def test_which_convolutions_qualify() -> None:
             return super().forward(x) * 2
 
     assert not qualifies(_frozen(Custom(3, 8, 7, stride=2)))  # an unknown forward
-    rep = ModuleCut(nn.Sequential(conv(3, 8, 1), nn.ReLU()), "1", mean=(0, 0, 0), probe_size=32)
+    rep = ModuleCut(nn.Sequential(conv(3, 8, 1), nn.Tanh()), "1", mean=(0, 0, 0), probe_size=32)
     assert rep.for_optimization() is rep  # nothing to replace
 
 

@@ -201,7 +201,13 @@ def _only_reader(layers: list[Any], i: int, blob: str) -> int | None:
 
 def fuse(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]] | None:
     """:func:`fuse_relu_pool`, then :func:`fuse_conv_relu` on the result: the network and the
-    map from every replaced module to its stand-in, or None when neither applies."""
+    map from every replaced module to its stand-in, or None when neither applies.  Any other
+    module goes to :func:`~preimage.models.folding.fuse_module` (batch normalization folded, the
+    same fusions found by tracing)."""
+    if not isinstance(model, (SequentialNet, CaffeNet)):
+        from .folding import fuse_module
+
+        return fuse_module(model, keep) if _pointwise_available() else None
     replaced: dict[nn.Module, nn.Module] = {}
     pooled = fuse_relu_pool(model, keep)
     if pooled is not None:

@@ -176,8 +176,8 @@ class ModuleCut(Representation):
             return self
         from ..models.fusion import fuse
 
-        convs = [m for m in self.model.modules() if qualifies(m)]
         fused = fuse(self.model, self._target)
+        convs = [m for m in (fused[0] if fused is not None else self.model).modules() if qualifies(m)]
         if not convs and fused is None:
             return self
         fast = copy.copy(self)  # shares the model's modules and the buffers
