@@ -82,6 +82,18 @@ def test_which_convolutions_qualify() -> None:
     assert rep.for_optimization() is rep  # nothing to replace
 
 
+def _same_code_close_gradient(rep: ModuleCut, fast: ModuleCut, x: torch.Tensor, tol: float) -> torch.Tensor:
+    """``fast`` gives ``rep``'s code bit for bit and its image gradient to relative ``tol``;
+    returns the code."""
+    c_ref, c_fast = rep(x), fast(x)
+    assert torch.equal(c_ref, c_fast)
+    g = torch.randn(c_ref.shape).to(c_ref.dtype)
+    (want,) = torch.autograd.grad(c_ref, x, g)
+    (got,) = torch.autograd.grad(c_fast, x, g)
+    assert ((got - want).norm() / want.norm()).item() < tol
+    return c_ref
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_alexnet_cut_same_code_and_gradient(precision: str) -> None:
     """AlexNet conv1 -> conv2 (random weights): the code is bit-identical, the gradient agrees to
@@ -94,12 +106,7 @@ def test_alexnet_cut_same_code_and_gradient(precision: str) -> None:
     conv1 = model.conv1
     assert fast.fast_input_gradient == [conv1] and fast.for_optimization() is fast
     x = (torch.randn(2, 3, 99, 99) * 50).requires_grad_(True)
-    c_ref, c_fast = rep(x), fast(x)
-    assert torch.equal(c_ref, c_fast)
-    g = torch.randn(c_ref.shape).to(c_ref.dtype)
-    (want,) = torch.autograd.grad(c_ref, x, g)
-    (got,) = torch.autograd.grad(c_fast, x, g)
-    assert ((got - want).norm() / want.norm()).item() < (1e-6 if precision == "fp32" else 1e-3)
+    c_ref = _same_code_close_gradient(rep, fast, x, 1e-6 if precision == "fp32" else 1e-3)
     assert not conv1._forward_hooks and not conv1._forward_pre_hooks
     with torch.no_grad():
         assert torch.equal(fast(x), c_ref)
@@ -230,9 +237,4 @@ def test_vgg_conv1_1_cut_same_code_and_gradient(precision: str) -> None:
         fast = rep.for_optimization()
         assert fast.fast_input_gradient == [model.conv1_1]
         x = (torch.randn(2, 3, 37, 36) * 50).requires_grad_(True)
-        c_ref, c_fast = rep(x), fast(x)
-        assert torch.equal(c_ref, c_fast)
-        g = torch.randn(c_ref.shape).to(c_ref.dtype)
-        (want,) = torch.autograd.grad(c_ref, x, g)
-        (got,) = torch.autograd.grad(c_fast, x, g)
-        assert ((got - want).norm() / want.norm()).item() < (1e-6 if precision == "fp32" else 1e-3)
+        _same_code_close_gradient(rep, fast, x, 1e-6 if precision == "fp32" else 1e-3)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fusion import ConvReLU
+from .fusion import ConvReLU, plain_conv
 from .pooling import max_pool2d
 
 
@@ -98,8 +98,7 @@ def _foldable(bn: nn.Module) -> bool:
 
 
 def _frozen_conv(m: nn.Module) -> bool:
-    return (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad))
+    return plain_conv(m) and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
 
 
 def _structural_copy(module: nn.Module) -> nn.Module:
@@ -130,9 +129,6 @@ def fuse_module(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[nn.M
     calls = Counter(n.target for n in nodes)
     keep_names = {name for name, m in modules.items() if m is keep}
 
-    def module(node: Any) -> nn.Module | None:
-        return modules.get(node.target) if calls[node.target] == 1 else None
-
     def only_user(node: Any) -> Any:
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
@@ -149,8 +145,8 @@ def fuse_module(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[nn.M
             new[node.target] = nn.Identity()
             new[pool.target] = NativeMaxPool2d.of(modules[pool.target], relu_first=True)  # type: ignore[arg-type]
     for node in nodes:  # convolution [-> batch normalization] [-> ReLU]
-        conv = module(node)
-        if conv is None or not _frozen_conv(conv) or node.target in keep_names:
+        conv = modules.get(node.target)
+        if conv is None or calls[node.target] != 1 or not _frozen_conv(conv) or node.target in keep_names:
             continue
         out, folded = node, conv
         bn_node = only_user(node)

@@ -23,6 +23,8 @@ both rewrites, the pooling one first (it also saves the ReLU's backward pass).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
@@ -31,6 +33,37 @@ from torch import Tensor, nn
 
 from .caffe import CaffeNet, CaffePooling
 from .networks import SequentialNet
+
+
+Fused = tuple[nn.Module, dict[nn.Module, nn.Module]]  # the rewritten network, replaced module -> stand-in
+
+
+def _rewrite_chain(model: SequentialNet,
+                   pair: Callable[[nn.Module, nn.Module], tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None]
+                   ) -> Fused | None:
+    """``model`` with each adjacent pair of layers ``(a, b)`` for which ``pair(a, b)`` gives
+    ``(new_a, new_b, replaced, stand_in)`` rewritten, in a new chain sharing every other module."""
+    items = list(model.named_children())
+    replaced: dict[nn.Module, nn.Module] = {}
+    for i in range(len(items) - 1):
+        (a_name, a), (b_name, b) = items[i], items[i + 1]
+        done = pair(a, b)
+        if done is not None:
+            new_a, new_b, old, new = done
+            replaced[old] = new
+            items[i], items[i + 1] = (a_name, new_a), (b_name, new_b)
+    if not replaced:
+        return None
+    fused = SequentialNet(items, arch=model.arch, convention=model.convention)
+    fused.classes = model.classes
+    return fused, replaced
+
+
+def _caffe_with(model: CaffeNet, modules: dict[str, nn.Module], replaced: dict[nn.Module, nn.Module]) -> Fused | None:
+    """``model``'s layer graph with its modules taken from ``modules``; None when nothing was replaced."""
+    if not replaced:
+        return None
+    return CaffeNet(model.layers, modules, model.input_shapes, model.name, model.blob_shapes()), replaced
 
 
 def _fusable(relu: nn.Module, pool: nn.Module | None, keep: nn.Module) -> bool:
@@ -44,21 +77,16 @@ def fuse_relu_pool(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[n
     copies; None when there is no such pair (or ``model`` is neither kind of network).  ``keep``
     is the cut's module: a ReLU that is the cut is left alone."""
     if isinstance(model, SequentialNet):
-        items = list(model.named_children())
-        replaced: dict[nn.Module, nn.Module] = {}
-        for i in range(len(items) - 1):
-            (relu_name, relu), (pool_name, pool) = items[i], items[i + 1]
-            if _fusable(relu, pool, keep):
-                replaced[pool] = pool.fused_with_relu()  # type: ignore[union-attr]
-                items[i], items[i + 1] = (relu_name, nn.Identity()), (pool_name, replaced[pool])
-        if not replaced:
-            return None
-        fused = SequentialNet(items, arch=model.arch, convention=model.convention)
-        fused.classes = model.classes
-        return fused, replaced
+        def pair(relu: nn.Module, pool: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None:
+            if not _fusable(relu, pool, keep):
+                return None
+            fused_pool = pool.fused_with_relu()  # type: ignore[operator]
+            return nn.Identity(), fused_pool, pool, fused_pool
+
+        return _rewrite_chain(model, pair)
     if isinstance(model, CaffeNet):
         modules = {layer.module_name: getattr(model, layer.module_name) for layer in model.layers}
-        replaced = {}
+        replaced: dict[nn.Module, nn.Module] = {}
         layers = model.layers
         for i, layer in enumerate(layers):
             relu = modules[layer.module_name]
@@ -74,12 +102,11 @@ def fuse_relu_pool(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[n
                 continue
             replaced[pool] = modules[pool_layer.module_name] = pool.fused_with_relu()  # type: ignore[union-attr]
             modules[layer.module_name] = nn.Identity()
-        if not replaced:
-            return None
-        return CaffeNet(layers, modules, model.input_shapes, model.name, model.blob_shapes()), replaced
+        return _caffe_with(model, modules, replaced)
     return None
 
 
+@cache
 def _pointwise_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -141,10 +168,14 @@ class ConvReLU(nn.Module):
         return _conv_relu(x, self.conv)
 
 
+def plain_conv(conv: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` with zero padding given as numbers: what :class:`ConvReLU` runs."""
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def _conv_fusable(conv: nn.Module, relu: nn.Module | None, keep: nn.Module) -> bool:
-    """A plain ``nn.Conv2d`` (zero padding given as numbers) that is not the cut, then a ReLU."""
-    return (type(conv) is nn.Conv2d and conv is not keep and type(relu) is nn.ReLU
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+    """A :func:`plain_conv` that is not the cut, then a ReLU."""
+    return plain_conv(conv) and conv is not keep and type(relu) is nn.ReLU
 
 
 def fuse_conv_relu(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]] | None:
@@ -152,20 +183,16 @@ def fuse_conv_relu(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[n
     becomes ``nn.Identity``), and the map from replaced modules (the ReLUs) to their stand-ins;
     None when there is no such pair.  ``keep`` is the cut's module: a convolution that is the cut
     is left alone; a ReLU that is the cut maps to the ``nn.Identity`` that returns its value."""
-    replaced: dict[nn.Module, nn.Module] = {}
     if isinstance(model, SequentialNet):
-        items = list(model.named_children())
-        for i in range(len(items) - 1):
-            (conv_name, conv), (relu_name, relu) = items[i], items[i + 1]
-            if _conv_fusable(conv, relu, keep):
-                replaced[relu] = nn.Identity()
-                items[i], items[i + 1] = (conv_name, ConvReLU(conv)), (relu_name, replaced[relu])  # type: ignore[arg-type]
-        if not replaced:
-            return None
-        fused = SequentialNet(items, arch=model.arch, convention=model.convention)
-        fused.classes = model.classes
-        return fused, replaced
+        def pair(conv: nn.Module, relu: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None:
+            if not _conv_fusable(conv, relu, keep):
+                return None
+            identity = nn.Identity()
+            return ConvReLU(conv), identity, relu, identity  # type: ignore[arg-type]
+
+        return _rewrite_chain(model, pair)
     if isinstance(model, CaffeNet):
+        replaced: dict[nn.Module, nn.Module] = {}
         modules = {layer.module_name: getattr(model, layer.module_name) for layer in model.layers}
         layers = model.layers
         for i, layer in enumerate(layers):
@@ -177,11 +204,9 @@ def fuse_conv_relu(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[n
             conv, relu = modules[layer.module_name], modules[layers[reader].module_name]
             if not _conv_fusable(conv, relu, keep) or len(layers[reader].tops) != 1:
                 continue
-            modules[layer.module_name] = ConvReLU(conv)
+            modules[layer.module_name] = ConvReLU(conv)  # type: ignore[arg-type]
             replaced[relu] = modules[layers[reader].module_name] = nn.Identity()
-        if not replaced:
-            return None
-        return CaffeNet(layers, modules, model.input_shapes, model.name, model.blob_shapes()), replaced
+        return _caffe_with(model, modules, replaced)
     return None
 
 
