@@ -12,8 +12,8 @@ from torch import nn
 import preimage.models.fusion as fusion
 from preimage import native
 from preimage.models import load_caffe
-from preimage.models.caffe import CaffePooling
-from preimage.models.fusion import ConvReLU, fuse_conv_relu, fuse_relu_pool
+from preimage.models.caffe import CaffePooling, global_average
+from preimage.models.fusion import ConvReLU, border_padding, fuse_conv_relu, fuse_relu_pool, unpad_pointwise
 from preimage.models.networks import Pool2d, SequentialNet, build
 from preimage.representations.cnn import ModuleCut, low_precision
 
@@ -22,9 +22,10 @@ needs_library = pytest.mark.skipif(native.library(quiet=True) is None,
 needs_onednn = pytest.mark.skipif(not fusion._pointwise_available(), reason="this torch has no oneDNN convolution")
 
 
-def _check_cut(cut: ModuleCut, x: torch.Tensor) -> ModuleCut:
+def _check_cut(cut: ModuleCut, x: torch.Tensor, exact: bool = True) -> ModuleCut:
     """for_optimization's copy of ``cut`` gives the same code and image gradient as ``cut`` with
-    the same input-gradient hooks but no fusion; returns the copy."""
+    the same input-gradient hooks but no fusion (bit for bit, or to float rounding when not
+    ``exact``); returns the copy."""
     fast = cut.for_optimization()
     assert fast.for_optimization() is fast
     plain = cut.for_optimization.__func__  # the copy without the fusion: patch it out
@@ -37,11 +38,12 @@ def _check_cut(cut: ModuleCut, x: torch.Tensor) -> ModuleCut:
         fusion.fuse = original
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     code_fast, code_plain = fast(a), unfused(b)
-    assert torch.equal(code_fast, code_plain)
+    same = torch.equal if exact else lambda u, v: torch.allclose(u, v, rtol=1e-5, atol=1e-5 * float(v.detach().abs().max()))
+    assert same(code_fast, code_plain)
     g = torch.randn(code_fast.shape, generator=torch.Generator().manual_seed(1)).to(code_fast.dtype)
     code_fast.backward(g)
     code_plain.backward(g)
-    assert torch.equal(a.grad, b.grad)
+    assert same(a.grad, b.grad)
     return fast
 
 
@@ -190,3 +192,104 @@ def test_conv_relu_in_the_paper_networks(network: str, layer: str) -> None:
 def test_no_conv_fusion_for_other_models() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     assert fuse_conv_relu(model, model[1]) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("padding", [(1, 1), (2, 0), (0, 3)])
+def test_padded_pointwise_conv_is_computed_unpadded(dtype: torch.dtype, channels_last: bool, relu: bool,
+                                                    padding: tuple[int, int]) -> None:
+    """A zero-padded 1 x 1 convolution, computed unpadded and given its border: the border is the
+    (rectified) bias exactly, the rest the padded convolution's values to rounding (another
+    kernel may sum in another order), and the input gradient the same (the border has none)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1, padding=padding).to(dtype).requires_grad_(False)
+    assert border_padding(conv) == padding
+    x = torch.randn(3, 24, 9, 11).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast = ConvReLU(conv, relu=relu)
+    assert fast.fused_applies(a)
+    ya, yb = fast(a), conv(b)
+    yb = torch.relu(yb) if relu else yb
+    assert "ConvReLU" in type(ya.grad_fn).__name__
+    assert ya.is_contiguous(memory_format=torch.channels_last) == yb.is_contiguous(memory_format=torch.channels_last)
+    ph, pw = padding
+    inner = (slice(None), slice(None), slice(ph, ph + 9), slice(pw, pw + 11))
+    border = torch.ones(ya.shape, dtype=torch.bool)
+    border[inner] = False
+    assert torch.equal(ya[border], yb[border])
+    torch.testing.assert_close(ya[inner].float(), yb[inner].float(), rtol=0.01 if dtype == torch.bfloat16 else 1e-5,
+                               atol=0.02 if dtype == torch.bfloat16 else 1e-5)
+    g = torch.randn(ya.shape).to(dtype)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(a.grad, b.grad)
+    with torch.no_grad():
+        assert torch.equal(fast(x), ya.detach())
+
+
+def test_border_padding_applies_to_padded_pointwise_convolutions_only() -> None:
+    assert border_padding(nn.Conv2d(4, 4, 1)) is None
+    assert border_padding(nn.Conv2d(4, 4, 3, padding=1)) is None
+    assert border_padding(nn.Conv2d(4, 4, 1, stride=2, padding=1)) is None
+    assert border_padding(nn.Conv2d(4, 4, 1, padding=(0, 2))) == (0, 2)
+
+
+@needs_library
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squeezenet_tail_is_unpadded(tmp_path: Path, dtype: torch.dtype) -> None:
+    """SqueezeNet's conv_final (1 x 1, padding 1) -> ReLU -> global average pooling: cut after
+    the pooling, the convolution runs in a ConvReLU; cut at the convolution itself, in a
+    ``ConvReLU(relu=False)`` that stands for it; the same codes and gradients to rounding."""
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 23 input_dim: 23\n'
+                     'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
+                     'convolution_param { num_output: 16 kernel_size: 3 stride: 2 } }\n'
+                     'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }\n'
+                     'layer { name: "conv_final" type: "Convolution" bottom: "conv1" top: "conv_final" '
+                     'convolution_param { num_output: 10 pad: 1 kernel_size: 1 } }\n'
+                     'layer { name: "relu_conv_final" type: "ReLU" bottom: "conv_final" top: "conv_final" }\n'
+                     'layer { name: "pool_final" type: "Pooling" bottom: "conv_final" top: "pool_final" '
+                     'pooling_param { pool: AVE global_pooling: true } }\n')
+    torch.manual_seed(0)
+    net = load_caffe(proto, None)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.2)
+    net = net.to(dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 23, 23) * 40
+    for layer in ("pool_final", "conv_final"):
+        cut = ModuleCut(net, layer, mean=(0, 0, 0), std=(1, 1, 1), channels_last=True)
+        fast = _check_cut(cut, x.to(dtype), exact=False)
+        assert isinstance(fast.model.conv_final, ConvReLU) and fast.model.conv_final.relu == (layer == "pool_final")
+        assert (fast._target is fast.model.conv_final) == (layer == "conv_final")
+        assert type(net.conv_final) is nn.Conv2d
+
+
+def test_unpad_pointwise_leaves_other_models_alone() -> None:
+    assert unpad_pointwise(nn.Sequential(nn.Conv2d(3, 4, 1, padding=1))) is None
+    assert unpad_pointwise(SequentialNet([("conv", nn.Conv2d(3, 4, 3, padding=1))])) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_global_average_gradient_is_broadcast(dtype: torch.dtype) -> None:
+    """Global average pooling's gradient: ``mean``'s values bit for bit, as a broadcast (stride-0)
+    tensor that a channels-last ReLU's backward reads fast (not an NCHW copy)."""
+    x = torch.randn(3, 5, 7, 9).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(3, 5, 1, 1).to(dtype)
+    seen: list[torch.Tensor] = []
+    x.register_hook(lambda grad: seen.append(grad))
+    y = global_average(x)
+    assert torch.equal(y, x.mean((-2, -1), keepdim=True))
+    y.backward(g)
+    assert seen[0].stride()[-2:] == (0, 0)
+    ours = x.grad.clone()
+    x.grad = None
+    x.mean((-2, -1), keepdim=True).backward(g)
+    assert torch.equal(ours, x.grad)
+    xd = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(global_average, (xd,))

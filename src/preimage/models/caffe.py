@@ -259,6 +259,32 @@ def caffe_pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil: 
     return out
 
 
+class _GlobalAverage(torch.autograd.Function):
+    """The mean over each map, whose gradient is the output's, divided and broadcast (stride 0).
+
+    ``x.mean``'s own backward divides after broadcasting, which writes a full-size gradient in
+    NCHW order; the channels-last ReLU before SqueezeNet's pool_final then read the two layouts
+    together: 4.8 ms per batch of 16 in bf16, against 0.7 ms for a broadcast gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        height, width = ctx.shape[-2:]
+        return (grad / (height * width)).to(ctx.dtype).expand(ctx.shape)
+
+
+def global_average(x: Tensor) -> Tensor:
+    """``x.mean((-2, -1), keepdim=True)`` with a broadcast gradient (:class:`_GlobalAverage`)."""
+    if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
+        return _GlobalAverage.apply(x)
+    return x.mean(dim=(-2, -1), keepdim=True)
+
+
 class CaffePooling(nn.Module):
     """Caffe's Pooling layer (MAX or AVE), with Caffe's output size and window clipping."""
 
@@ -296,7 +322,7 @@ class CaffePooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.global_pooling:
-            return x.amax(dim=(-2, -1), keepdim=True) if self.method == "MAX" else x.mean(dim=(-2, -1), keepdim=True)
+            return x.amax(dim=(-2, -1), keepdim=True) if self.method == "MAX" else global_average(x)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.pad
         height, width = x.shape[-2:]
         oh, ow = self.output_size(height, width)

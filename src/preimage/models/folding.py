@@ -14,7 +14,8 @@ output feeds which, and then *substitutes modules* in a copy of the tree, leavin
   folded weights, ~1e-3), not bit for bit;
 * a ReLU module whose output only an ``nn.MaxPool2d`` reads goes into the pooling, and a
   convolution (folded or not) whose output only a ReLU module reads becomes a
-  :class:`~preimage.models.fusion.ConvReLU`, as in :mod:`~preimage.models.fusion`;
+  :class:`~preimage.models.fusion.ConvReLU`, as in :mod:`~preimage.models.fusion` (and so does a
+  zero-padded 1 x 1 convolution, computed unpadded: :func:`~preimage.models.fusion.border_padding`);
 * every ``nn.MaxPool2d`` runs through :func:`~preimage.models.pooling.max_pool2d` (torch's values
   and gradients bit for bit, in C on the CPU).
 
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fusion import ConvReLU, plain_conv
+from .fusion import ConvReLU, border_padding, plain_conv
 from .pooling import max_pool2d
 
 
@@ -159,6 +160,8 @@ def fuse_module(model: nn.Module, keep: nn.Module) -> tuple[nn.Module, dict[nn.M
                 and relu_node.target not in new):
             new[relu_node.target] = nn.Identity()
             folded = ConvReLU(folded)
+        elif border_padding(folded) is not None:  # type: ignore[arg-type]
+            folded = ConvReLU(folded, relu=False)  # type: ignore[arg-type]
         if folded is not conv:
             new[node.target] = folded
     for name, m in modules.items():  # every other max pooling
