@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from preimage.models import fusion
-from preimage.models.folding import NativeMaxPool2d, fold_batchnorm, fuse_module
+from preimage.models.folding import FrozenLinear, NativeMaxPool2d, fold_batchnorm, fuse_module
 from preimage.models.fusion import ConvReLU
 from preimage.representations.cnn import ModuleCut, low_precision
 
@@ -187,3 +187,18 @@ def test_native_max_pool_module_is_torchs(ceil: bool, pad: int) -> None:
     ya.backward(g)
     yb.backward(g)
     assert torch.equal(a.grad, b.grad)
+
+
+def test_linear_layers_take_the_transposed_gradient() -> None:
+    """``nn.Linear`` runs as a :class:`FrozenLinear` (the cut's own too): the same code, and in
+    bf16 the input gradient from the weights' transposed copy, to bf16 rounding."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 10),
+                        nn.ReLU(), nn.Linear(10, 5)).eval()
+    net = low_precision(net, torch.bfloat16, channels_last=True)
+    cut = ModuleCut(net, "6", mean=(0, 0, 0), std=(1, 1, 1), channels_last=True, probe_size=45)
+    fast = cut.for_optimization()
+    assert isinstance(fast.model[4], FrozenLinear) and isinstance(fast._target, FrozenLinear)
+    assert fast._target is fast.model[6] and type(net[6]) is nn.Linear and fast.model[4].weight is net[4].weight
+    _compare(cut, fast, 2e-2)
+    assert "_transposed_weight" in fast.model[4].__dict__ and "_transposed_weight" in fast.model[6].__dict__

@@ -616,3 +616,39 @@ def test_dense_conv2d_is_the_convolution(layout: str) -> None:
         torch.testing.assert_close(gx.float(), gw.float(), **tol)
     assert isinstance(build("alexnet").layer("fc6"), DenseConv2d)
     assert type(build("vgg-vd-16").layer("conv1_1")) is nn.Conv2d
+
+
+def test_frozen_bf16_fc_layers_keep_a_transposed_copy() -> None:
+    """bf16 fc layers on the CPU: the input gradient from a transposed copy of the weights (the
+    same as autograd's ``g @ w`` to bf16 rounding), made once, remade when the weights change,
+    and not in the state_dict; fp32, and weights that want gradients, take torch's own path."""
+    from preimage.models.networks import DenseConv2d
+
+    torch.manual_seed(0)
+    dense = DenseConv2d(16, 32, 5).requires_grad_(False)
+    reference = dense.weight.reshape(32, -1).clone()
+    dense = dense.to(torch.bfloat16)
+    x = torch.randn(3, 16, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 32, 1, 1, dtype=torch.bfloat16)
+
+    def gradient() -> torch.Tensor:
+        y = dense(x)
+        assert "_FrozenLinear" in type(y.grad_fn.next_functions[0][0]).__name__
+        (gx,) = torch.autograd.grad(y, x, g)
+        return gx.float()
+
+    first = gradient()
+    copy = dense.__dict__["_transposed_weight"][1]
+    want = (g.reshape(3, 32).float() @ reference).reshape(3, 16, 5, 5)
+    assert ((first - want).norm() / want.norm()).item() < 1e-2
+    plain = torch.autograd.grad(F.linear(x.reshape(3, -1), dense.weight.reshape(32, -1), dense.bias), x, g.reshape(3, 32))[0]
+    torch.testing.assert_close(first, plain.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(gradient(), first) and dense.__dict__["_transposed_weight"][1] is copy
+    with torch.no_grad():
+        dense.weight.mul_(2)
+    torch.testing.assert_close(gradient(), 2 * first, rtol=2e-2, atol=2e-2)
+    assert dense.__dict__["_transposed_weight"][1] is not copy
+    assert set(dense.state_dict()) == {"weight", "bias"}
+    for other in (DenseConv2d(16, 32, 5).requires_grad_(False), DenseConv2d(16, 32, 5).bfloat16()):
+        y = other(x.detach().to(other.weight.dtype).requires_grad_())
+        assert "_FrozenLinear" not in type(y.grad_fn.next_functions[0][0]).__name__
