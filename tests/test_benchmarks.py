@@ -26,4 +26,6 @@ def test_benchmark_smoke_run_writes_complete_json(tmp_path: Path, where: list[st
     assert case["memory_measure"] == ("ru_maxrss_process" if where else "ru_maxrss")
     assert case["inversions_per_s"] == pytest.approx(1 / case["full_inversion_s_per_img"])
     assert data["peak_gflops"]["fp32"] > 0 and data["peak_gflops"]["bf16"] > 0
+    for precision, figures in data["peak_kernels"].items():  # the peak is the better kernel's
+        assert set(figures) == {"matmul", "conv3x3"} and data["peak_gflops"][precision] == max(figures.values())
     assert len(data["targets"]) == 5
