@@ -564,7 +564,8 @@ def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dic
                       _num(r["gflop_per_img_iter"]), _num(r["gflops_engine"]), _num(r["pct_of_peak"], digits=2),
                       _num(r["peak_memory_mb"], digits=4))
     console.print(table)
-    console.print("peak (matrix product): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()))
+    console.print("peak (the better of a matrix product and a 3x3 convolution): "
+                  + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()))
     console.print("\n[bold]targets[/bold]")
     colour = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
     for t in targets:
