@@ -17,8 +17,13 @@ A convolution whose output only a ReLU reads runs as oneDNN's convolution with a
 (:class:`ConvReLU`, :func:`fuse_conv_relu`): the ReLU's forward pass over the map is gone (VGG-VD-16
 relu1_1: 0.65 ms per image in bf16 at batch 8, as long as conv1_1 itself).  Its backward pass is
 the ReLU's own (``threshold_backward`` on the output) followed by the convolution's input
-gradient, so codes and gradients are bit-identical to the unfused network.  :func:`fuse` applies
-both rewrites, the pooling one first (it also saves the ReLU's backward pass).
+gradient, so codes and gradients are bit-identical to the unfused network.
+
+A zero-padded 1 x 1 convolution (SqueezeNet's conv_final), which oneDNN runs up to 10x slower
+than an unpadded one, is computed unpadded and given its border, the (rectified) bias
+(:func:`border_padding`, inside :class:`ConvReLU`; :func:`unpad_pointwise` for one that no ReLU
+follows): values equal to rounding, the same gradients.  :func:`fuse` applies the three
+rewrites, the pooling one first (it also saves the ReLU's backward pass).
 """
 
 from __future__ import annotations
@@ -128,7 +133,8 @@ def border_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 
 def _conv_pointwise(x: Tensor, conv: nn.Conv2d, relu: bool) -> Tensor:
     """oneDNN's convolution, with a ReLU post-op when ``relu``: ``F.relu(conv(x))`` bit for bit
-    (tested); a :func:`border_padding` convolution computed unpadded and given its border."""
+    (tested); a :func:`border_padding` convolution computed unpadded and given its border (the
+    same values to rounding: the unpadded kernel may sum the channels in another order)."""
     border = border_padding(conv)
     padding = [0, 0] if border is not None else list(conv.padding)
     y = torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, padding,  # type: ignore[arg-type]

@@ -169,9 +169,10 @@ class ModuleCut(Representation):
         :mod:`~preimage.representations.input_conv` (the same gradient: on the CPU as a sub-pixel
         convolution, 2-7x faster than oneDNN's for AlexNet, VGG-M and SqueezeNet conv1; on CUDA
         in the form cuDNN runs fast; VGG's stride-1 conv1_1 in 2 x 2 blocks), each ReLU that only
-        a max pooling reads fused into it, and each other convolution -> ReLU pair run as one oneDNN
-        call (:func:`~preimage.models.fusion.fuse`: the same values and gradients); ``self`` when
-        the model has none of these."""
+        a max pooling reads fused into it, each other convolution -> ReLU pair run as one oneDNN
+        call, and zero-padded 1 x 1 convolutions computed unpadded
+        (:func:`~preimage.models.fusion.fuse`: the same values and gradients, to rounding for the
+        last); ``self`` when the model has none of these."""
         if self._optimized:
             return self
         from ..models.fusion import fuse
