@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,17 @@ from torch import Tensor, nn
 from .fusion import ConvReLU, border_padding, plain_conv
 from .networks import frozen_linear
 from .pooling import max_pool2d
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _as(cls: type[M], module: nn.Module) -> M:
+    """An instance of ``cls`` (a subclass of ``module``'s class) with ``module``'s attributes,
+    sharing its parameters and buffers."""
+    stand_in = cls.__new__(cls)
+    stand_in.__dict__ = dict(module.__dict__)
+    return stand_in
 
 
 class NativeMaxPool2d(nn.MaxPool2d):
@@ -51,8 +62,7 @@ class NativeMaxPool2d(nn.MaxPool2d):
 
     @classmethod
     def of(cls, pool: nn.MaxPool2d, relu_first: bool = False) -> "NativeMaxPool2d":
-        native = cls.__new__(cls)
-        native.__dict__ = dict(pool.__dict__)
+        native = _as(cls, pool)
         native.relu_first = relu_first
         return native
 
@@ -67,9 +77,7 @@ class FrozenLinear(nn.Linear):
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "FrozenLinear":
-        frozen = cls.__new__(cls)
-        frozen.__dict__ = dict(linear.__dict__)
-        return frozen
+        return _as(cls, linear)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return frozen_linear(x, self.weight, self.bias, self)

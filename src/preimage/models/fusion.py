@@ -57,11 +57,17 @@ def _rewrite_chain(model: SequentialNet,
             new_a, new_b, old, new = done
             replaced[old] = new
             items[i], items[i + 1] = (a_name, new_a), (b_name, new_b)
+    return _sequential_with(model, items, replaced)
+
+
+def _sequential_with(model: SequentialNet, items: list[tuple[str, nn.Module]],
+                     replaced: dict[nn.Module, nn.Module]) -> Fused | None:
+    """A new chain of ``items`` with ``model``'s metadata; None when nothing was replaced."""
     if not replaced:
         return None
-    fused = SequentialNet(items, arch=model.arch, convention=model.convention)
-    fused.classes = model.classes
-    return fused, replaced
+    chain = SequentialNet(items, arch=model.arch, convention=model.convention)
+    chain.classes = model.classes
+    return chain, replaced
 
 
 def _caffe_with(model: CaffeNet, modules: dict[str, nn.Module], replaced: dict[nn.Module, nn.Module]) -> Fused | None:
@@ -293,11 +299,7 @@ def unpad_pointwise(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Mod
             if new is not None:
                 replaced[conv] = new
                 items[i] = (name, new)
-        if not replaced:
-            return None
-        unpadded = SequentialNet(items, arch=model.arch, convention=model.convention)
-        unpadded.classes = model.classes
-        return unpadded, replaced
+        return _sequential_with(model, items, replaced)
     if isinstance(model, CaffeNet):
         modules = {layer.module_name: getattr(model, layer.module_name) for layer in model.layers}
         for name, conv in list(modules.items()):
