@@ -47,6 +47,17 @@ def _check_cut(cut: ModuleCut, x: torch.Tensor, exact: bool = True) -> ModuleCut
     return fast
 
 
+def _random_caffe_net(tmp_path: Path, size: int, layers: str) -> nn.Module:
+    """A CaffeNet from ``layers`` (prototxt text) on a 3 x ``size``² input, weights N(0, 0.2²) (seed 0)."""
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(f'input: "data"\ninput_dim: 1 input_dim: 3 input_dim: {size} input_dim: {size}\n' + layers)
+    torch.manual_seed(0)
+    net = load_caffe(proto, None)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.2)
+    return net
+
+
 def _sequential() -> SequentialNet:
     torch.manual_seed(0)
     return SequentialNet([("conv1", nn.Conv2d(3, 8, 3)), ("relu1", nn.ReLU()), ("pool1", Pool2d(3, 2)),
@@ -80,30 +91,24 @@ def test_fusion_of_a_sequential_network(dtype: torch.dtype) -> None:
 def test_fusion_of_a_caffe_network(tmp_path: Path) -> None:
     """In-place ReLUs as Caffe writes them: fused where the pooling is the blob's only reader,
     left alone where another layer reads the ReLU's output too, or the pooling averages."""
-    proto = tmp_path / "net.prototxt"
-    proto.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 31 input_dim: 31\n'
-                     'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
-                     'convolution_param { num_output: 8 kernel_size: 3 } }\n'
-                     'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }\n'
-                     'layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" '
-                     'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n'
-                     'layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2" '
-                     'convolution_param { num_output: 8 kernel_size: 3 } }\n'
-                     'layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }\n'
-                     'layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" '
-                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
-                     'layer { name: "side" type: "Pooling" bottom: "conv2" top: "side" '
-                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
-                     'layer { name: "sum" type: "Eltwise" bottom: "pool2" bottom: "side" top: "sum" }\n'
-                     'layer { name: "conv3" type: "Convolution" bottom: "sum" top: "conv3" '
-                     'convolution_param { num_output: 4 kernel_size: 1 } }\n'
-                     'layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }\n'
-                     'layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3" '
-                     'pooling_param { pool: AVE kernel_size: 2 stride: 2 } }\n')
-    torch.manual_seed(0)
-    net = load_caffe(proto, None)
-    for p in net.parameters():
-        nn.init.normal_(p, std=0.2)
+    net = _random_caffe_net(tmp_path, 31, 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
+                            'convolution_param { num_output: 8 kernel_size: 3 } }\n'
+                            'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }\n'
+                            'layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" '
+                            'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n'
+                            'layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2" '
+                            'convolution_param { num_output: 8 kernel_size: 3 } }\n'
+                            'layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }\n'
+                            'layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+                            'layer { name: "side" type: "Pooling" bottom: "conv2" top: "side" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+                            'layer { name: "sum" type: "Eltwise" bottom: "pool2" bottom: "side" top: "sum" }\n'
+                            'layer { name: "conv3" type: "Convolution" bottom: "sum" top: "conv3" '
+                            'convolution_param { num_output: 4 kernel_size: 1 } }\n'
+                            'layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }\n'
+                            'layer { name: "pool3" type: "Pooling" bottom: "conv3" top: "pool3" '
+                            'pooling_param { pool: AVE kernel_size: 2 stride: 2 } }\n')
     cut = ModuleCut(net, "pool3", mean=(0, 0, 0), std=(1, 1, 1))
     fast = _check_cut(cut, torch.randn(2, 3, 31, 31) * 40)
     assert isinstance(fast.model.relu1, nn.Identity) and fast.model.pool1.relu_first
@@ -246,20 +251,14 @@ def test_squeezenet_tail_is_unpadded(tmp_path: Path, dtype: torch.dtype) -> None
     """SqueezeNet's conv_final (1 x 1, padding 1) -> ReLU -> global average pooling: cut after
     the pooling, the convolution runs in a ConvReLU; cut at the convolution itself, in a
     ``ConvReLU(relu=False)`` that stands for it; the same codes and gradients to rounding."""
-    proto = tmp_path / "net.prototxt"
-    proto.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 23 input_dim: 23\n'
-                     'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
-                     'convolution_param { num_output: 16 kernel_size: 3 stride: 2 } }\n'
-                     'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }\n'
-                     'layer { name: "conv_final" type: "Convolution" bottom: "conv1" top: "conv_final" '
-                     'convolution_param { num_output: 10 pad: 1 kernel_size: 1 } }\n'
-                     'layer { name: "relu_conv_final" type: "ReLU" bottom: "conv_final" top: "conv_final" }\n'
-                     'layer { name: "pool_final" type: "Pooling" bottom: "conv_final" top: "pool_final" '
-                     'pooling_param { pool: AVE global_pooling: true } }\n')
-    torch.manual_seed(0)
-    net = load_caffe(proto, None)
-    for p in net.parameters():
-        nn.init.normal_(p, std=0.2)
+    net = _random_caffe_net(tmp_path, 23, 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
+                            'convolution_param { num_output: 16 kernel_size: 3 stride: 2 } }\n'
+                            'layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }\n'
+                            'layer { name: "conv_final" type: "Convolution" bottom: "conv1" top: "conv_final" '
+                            'convolution_param { num_output: 10 pad: 1 kernel_size: 1 } }\n'
+                            'layer { name: "relu_conv_final" type: "ReLU" bottom: "conv_final" top: "conv_final" }\n'
+                            'layer { name: "pool_final" type: "Pooling" bottom: "conv_final" top: "pool_final" '
+                            'pooling_param { pool: AVE global_pooling: true } }\n')
     net = net.to(dtype).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 23, 23) * 40
     for layer in ("pool_final", "conv_final"):

@@ -269,13 +269,13 @@ class _GlobalAverage(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.shape = x.shape
         return x.mean(dim=(-2, -1), keepdim=True)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         height, width = ctx.shape[-2:]
-        return (grad / (height * width)).to(ctx.dtype).expand(ctx.shape)
+        return (grad / (height * width)).expand(ctx.shape)  # (grad has the output's, i.e. x's, dtype)
 
 
 def global_average(x: Tensor) -> Tensor:
