@@ -63,7 +63,7 @@ from torch import Tensor
 
 from preimage.allocator import keep_freed_memory
 from preimage.defaults import PAPER
-from preimage.engine import Stage, optimize
+from preimage.engine import Stage, Trace, optimize
 from preimage.objectives import L2Loss
 from preimage.representations.base import Representation
 
@@ -245,9 +245,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup: int, iters: int,
-                device: torch.device, compile: bool | None = None) -> tuple[float, bool]:
+                device: torch.device, compile: bool | None = None) -> tuple[float, Trace]:
     """Seconds per engine step (whole batch): ``iters`` steps of one :func:`optimize` call after
-    ``warmup``; and whether the step ran fused (the engine's own record, ``Trace.compiled``).
+    ``warmup``; and the engine's :class:`Trace` (whether the step ran fused, ``compiled``, and
+    whether it skipped Φ for ``AᵀA``, ``quadratic``).
 
     Time stamps are taken in the engine's callback, so set-up and tear-down of :func:`optimize`
     are not counted.  On the CPU every step is stamped and the median step is reported (this
@@ -266,8 +267,8 @@ def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup
     trace = optimize(rep, loss, (size, size), list(range(batch)), PAPER, [Stage(warmup + iters)], device=device,
                      callback=stamp, callback_every=every, batch_size=batch, compile=compile)
     if every == 1 and warmup >= 1:
-        return statistics.median(stamps[t + 1] - stamps[t] for t in range(warmup, warmup + iters)), trace.compiled
-    return (stamps[warmup + iters] - stamps[warmup]) / iters, trace.compiled
+        return statistics.median(stamps[t + 1] - stamps[t] for t in range(warmup, warmup + iters)), trace
+    return (stamps[warmup + iters] - stamps[warmup]) / iters, trace
 
 
 def bare_step(rep: Representation, x: Tensor, grads: list[Tensor]) -> None:
@@ -357,7 +358,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
     iters = opts.shallow_iters if case.shallow else opts.iters
     warmup = max(1, opts.warmup)
 
-    engine, compiled = time_engine(rep, loss, case.size, case.batch, warmup, iters, device, opts.compile)
+    engine, trace = time_engine(rep, loss, case.size, case.batch, warmup, iters, device, opts.compile)
     bare = time_bare(rep, case.batch, case.size, warmup, iters, device)
     flops = count_flops(rep, case.batch, case.size, device)
     estimated = not (case.shallow or opts.full)
@@ -382,7 +383,8 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "weights": weights,
         "code_shape": list(target.shape[1:]),
         "threads": torch.get_num_threads(),
-        "compiled": compiled,  # the step ran fused (C kernels on CPU, else torch.compile)
+        "compiled": trace.compiled,  # the step ran fused (C kernels on CPU, else torch.compile)
+        "quadratic": trace.quadratic,  # the loss came from AᵀA: Φ itself never ran (representations/affine.py)
         "compile_option": opts.compile,  # True / False as asked, None: the engine's default
         "warmup": warmup,
         "iterations_timed": iters,
@@ -558,12 +560,16 @@ def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dic
                           *["-"] * 8)
             continue
         table.add_row(name, str(r["batch"]), r["precision"], _num(r["engine_s_per_img_iter"], 1e3),
-                      _num(r["bare_s_per_img_iter"], 1e3), _num(r["ratio_engine_bare"], digits=2),
+                      _num(r["bare_s_per_img_iter"], 1e3),
+                      _num(r["ratio_engine_bare"], digits=2) + (" AᵀA" if r.get("quadratic") else ""),
                       _num(r["full_inversion_s_per_img"], prefix="~" if r["estimated"] else ""),
                       _num(r.get("inversions_per_s"), prefix="~" if r["estimated"] else ""),
                       _num(r["gflop_per_img_iter"]), _num(r["gflops_engine"]), _num(r["pct_of_peak"], digits=2),
                       _num(r["peak_memory_mb"], digits=4))
     console.print(table)
+    if any(r.get("quadratic") for r in records):
+        console.print("AᵀA: the engine took the loss of this affine first layer from AᵀA and never ran Φ "
+                      "(representations/affine.py); its GFLOP/s and % peak count Φ's arithmetic all the same")
     console.print("peak (the better of a matrix product and a 3x3 convolution): "
                   + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()))
     console.print("\n[bold]targets[/bold]")

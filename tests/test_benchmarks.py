@@ -23,6 +23,7 @@ def test_benchmark_smoke_run_writes_complete_json(tmp_path: Path, where: list[st
     case = data["cases"][0]
     assert case["engine_s_per_img_iter"] > 0 and case["bare_s_per_img_iter"] > 0
     assert case["peak_memory_mb"] > 0
+    assert case["quadratic"] is False  # HOG is not affine: the engine ran Φ
     assert case["memory_measure"] == ("ru_maxrss_process" if where else "ru_maxrss")
     assert case["inversions_per_s"] == pytest.approx(1 / case["full_inversion_s_per_img"])
     assert data["peak_gflops"]["fp32"] > 0 and data["peak_gflops"]["bf16"] > 0

@@ -23,6 +23,7 @@ from .allocator import keep_freed_memory
 from .defaults import Settings
 from .objectives import BoundedRange, TotalVariation, jitter_crop
 from .optim import PreimageSGD
+from .representations.affine import quadratic_loss
 from .representations.base import Representation
 
 ENERGY_TERMS = ("loss", "bounded_range", "tv", "total")
@@ -55,6 +56,7 @@ class Trace:
     lr: float  # the step actually used: H * W * eta0
     compiled: bool = False  # whether the fused compiled step ran (preimage.fused)
     batch_size: int = 0  # elements optimized together (optimize's chunk size)
+    quadratic: bool = False  # the data term came from AᵀA, Φ never computed (representations/affine.py)
 
 
 def representation_device(representation: Representation) -> torch.device:
@@ -214,7 +216,27 @@ def optimize(
         lr=traces[0].lr,
         compiled=all(tr.compiled for tr in traces),
         batch_size=batch_size,
+        quadratic=all(tr.quadratic for tr in traces),
     )
+
+
+def _data_term(phi: Callable[[Tensor], Tensor], encode_crops: Callable[..., Tensor] | None, loss: Loss,
+               value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None, x: Tensor, offsets: Tensor,
+               size: tuple[int, int], C: float, compiled: bool) -> Tensor:
+    """``C * loss(Φ(jitter(x)))`` per element, its gradient accumulated into ``x.grad``."""
+    if encode_crops is not None:  # the crop fused with Φ's input conversion where it can be
+        code = encode_crops(x, offsets, size, native=compiled)
+    else:
+        code = phi(jitter_crop(x, offsets, size))
+    if value_and_grad is None:  # any other callable: autograd
+        e_loss = C * loss(code)
+        e_loss.sum().backward()
+        return e_loss
+    with torch.no_grad():  # the loss's gradient in closed form, then Φ's backward
+        e_loss, g_code = value_and_grad(code.detach(), weight=C, compiled=compiled)
+    if code.requires_grad:
+        code.backward(g_code)
+    return e_loss
 
 
 def optimize_batch(
@@ -288,6 +310,7 @@ def optimize_batch(
     compile_loss = fused.wanted(compile, device)
     compiled = compile_loss and tv.beta == 2.0
     value_and_grad = getattr(loss, "value_and_grad", None)
+    quadratic = quadratic_loss(representation, loss, size, device)  # an affine Φ: the loss of the image itself
     encode_crops = getattr(phi, "encode_crops", None)  # a Representation's Φ(jitter(x)); any module: phi(crop)
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
@@ -307,20 +330,15 @@ def optimize_batch(
             else:
                 offsets = centre_off
             opt.zero_grad(set_to_none=True)
-            if encode_crops is not None:  # the crop fused with Φ's input conversion where it can be
-                code = encode_crops(x, offsets, (H, W), native=compile_loss)
-            else:
-                code = phi(jitter_crop(x, offsets, (H, W)))
-            # the data term through Φ; the regularizers below in closed form
-            if value_and_grad is not None:  # the loss's gradient in closed form, then Φ's backward
+            if quadratic is not None:  # Φ never computed: the same loss and gradient from AᵀA (affine.py)
+                crop = jitter_crop(x, offsets, (H, W))
                 with torch.no_grad():
-                    e_loss, g_code = value_and_grad(code.detach(), weight=settings.C, compiled=compile_loss)
-                if code.requires_grad:
-                    code.backward(g_code)
-                del g_code
-            else:  # any other callable: autograd
-                e_loss = settings.C * loss(code)
-                e_loss.sum().backward()
+                    e_loss, g_crop = quadratic.value_and_grad(crop.detach(), weight=settings.C)
+                crop.backward(g_crop)
+                del g_crop
+            else:  # the data term through Φ; the regularizers below in closed form
+                e_loss = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W), settings.C,
+                                    compile_loss)
             with torch.no_grad():
                 if x.grad is None:  # a loss that does not depend on x (C = 0)
                     x.grad = torch.zeros_like(x)
@@ -358,4 +376,5 @@ def optimize_batch(
         lr=lr,
         compiled=compiled,
         batch_size=N,
+        quadratic=quadratic is not None,
     )

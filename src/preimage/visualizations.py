@@ -79,6 +79,7 @@ def _config(mode: str, rep: Representation, settings: Settings, trace: Trace, st
         "jitter": trace.jitter,
         "step_size": trace.lr,
         "compiled": trace.compiled,
+        "quadratic": trace.quadratic,
         "engine_batch_size": trace.batch_size,
         "stages": [asdict(s) for s in stages],
         "device": str(device),

@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..objectives import converted_crop
 from .base import Geometry, Representation, RepresentationError
+
+if TYPE_CHECKING:
+    from .affine import ConvGram
 from .input_conv import InputGradientHooks, qualifies
 
 
@@ -190,6 +194,44 @@ class ModuleCut(Representation):
             fast._input_gradient = InputGradientHooks(convs)
         fast._optimized = True
         return fast
+
+    def affine(self) -> "ConvGram | None":
+        """Φ as ``A x + b`` (:class:`~preimage.representations.affine.ConvGram`, fp32) when the
+        cut is a single zero-padded convolution of the image (a network's first layer), else
+        None.  The form is checked against the model's own output on random images, so a model
+        whose ``forward`` does anything else before that convolution is never mistaken for one."""
+        from ..models.networks import PaddedConv2d
+        from .affine import ConvGram
+
+        conv = self._target
+        if type(conv) is PaddedConv2d and tuple(conv.padding) == (0, 0):
+            padding = conv.padding4
+        elif type(conv) is nn.Conv2d and not isinstance(conv.padding, str):
+            padding = (conv.padding[0], conv.padding[0], conv.padding[1], conv.padding[1])
+        else:
+            return None
+        if (conv.in_channels != self.in_channels or conv.groups != 1 or tuple(conv.dilation) != (1, 1)
+                or conv.padding_mode != "zeros" or conv.stride[0] != conv.stride[1]):
+            return None
+        weight = conv.weight.detach().float()
+        if self._divide:
+            weight = weight / self.std.float().view(1, -1, 1, 1)
+        bias = conv.bias.detach().float() if conv.bias is not None else weight.new_zeros(conv.out_channels)
+        gram = ConvGram(weight, bias, int(conv.stride[0]), tuple(int(p) for p in padding))  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(0)
+        side = max(48, 2 * max(conv.kernel_size))
+        tolerance = 1e-4 if self.compute_dtype == torch.float32 else 2e-2
+        with torch.no_grad():
+            for scale in (1.0, 100.0):  # a non-linearity before the convolution shows at one scale or the other
+                x = (torch.randn(2, self.in_channels, side, side + 3, generator=g) * scale).to(weight.device)
+                try:
+                    code = self(x).float()
+                except Exception:  # noqa: BLE001 - a model that will not run this probe is not affine here
+                    return None
+                expected = gram.forward(x)
+                if code.shape != expected.shape or (code - expected).norm() > tolerance * expected.norm():
+                    return None
+        return gram
 
     @property
     def fast_input_gradient(self) -> list[nn.Conv2d]:

@@ -1,0 +1,266 @@
+"""Inverting an affine Φ without computing its code: the L2 loss as a quadratic form.
+
+When Φ is one convolution of the image (a cut at a network's first layer: VGG's conv1_1,
+AlexNet's, VGG-M's or SqueezeNet's conv1), ``Φ(x) = A x + b`` and the inversion loss of eq. (2)
+is a quadratic form in the image:
+
+    ||A x + b - Φ0||² = <x, AᵀA x> - 2 <x, r> + ||Φ0 - b||²,   r = Aᵀ(Φ0 - b),
+    its gradient 2 (AᵀA x - r).
+
+``r`` and ``||Φ0 - b||²`` are computed once per run, so a step needs only ``AᵀA x``, an
+image-to-image operator: for a stride-1 ``k x k`` convolution a ``(2k-1) x (2k-1)`` convolution
+with as many output channels as the image has (3 for RGB, against 64 for VGG's conv1_1).  The
+code, ``Φ0``'s copy in the code's layout and the code's gradient are never formed: on the CPU
+these first layers were bound by memory, the loss alone taking longer than Φ's forward and
+backward passes together (VGG-VD-16 conv1_1, batch 16: 103 MB of bf16 code read three times).
+
+A convolution with stride ``s`` becomes a stride-1 one on the image's ``s x s`` phases
+(``pixel_unshuffle``: ``C s²`` channels), with its kernel's taps regrouped the same way
+(:func:`phase_kernel`); ``AᵀA`` is then a stride-1 convolution of the phases.
+
+``AᵀA`` is shift-invariant except near the border, where outputs of a zero-padded image are
+missing: with ``K`` the kernel's autocorrelation (:func:`gram_kernel`),
+``AᵀA u = K ⋆ u - Aᵀ M A u`` where ``M`` keeps the ring of virtual outputs that overhang the
+valid ones (``k - 1`` wide); those are computed on four thin bands of the image
+(:meth:`ConvGram.gram_phases`).  Everything is exact: the tests compare values and gradients with
+autograd through the convolution.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def phase_kernel(weight: Tensor, stride: int) -> Tensor:
+    """``(C_out, C, kh, kw)`` with stride ``s`` -> ``(C_out, C s², ceil(kh/s), ceil(kw/s))``: the
+    kernel of the same convolution applied, with stride 1, to the image's phases
+    (``F.pixel_unshuffle(x, s)``; taps beyond the kernel are zero)."""
+    co, ci, kh, kw = weight.shape
+    s = stride
+    Mh, Mw = -(-kh // s), -(-kw // s)
+    padded = weight.new_zeros(co, ci, Mh * s, Mw * s)
+    padded[..., :kh, :kw] = weight
+    # tap (s*m + r) of channel c is tap m of phase channel c*s*s + ry*s + rx (pixel_unshuffle's order)
+    return padded.view(co, ci, Mh, s, Mw, s).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * s * s, Mh, Mw)
+
+
+def gram_kernel(weight: Tensor) -> Tensor:
+    """The stride-1 convolution ``AᵀA`` of a stride-1 convolution ``A`` with kernel ``weight``
+    ``(C_out, C, kh, kw)``, away from the border: ``(C, C, 2kh-1, 2kw-1)``, to be applied with
+    padding ``(kh-1, kw-1)``.  Entry ``[c, c', kh-1+d]`` is ``sum_{o,m} W[o,c,m] W[o,c',m+d]``."""
+    kh, kw = weight.shape[-2:]
+    w = weight.transpose(0, 1)  # (C, C_out, kh, kw): each input channel's taps as a C_out-channel "image"
+    # conv2d correlates: out[c, c', y] = sum_{o,m} W[o,c,m+y-(k-1)] W[o,c',m]
+    return F.conv2d(w, w, padding=(kh - 1, kw - 1)).transpose(0, 1).contiguous()
+
+
+@dataclass
+class ConvGram:
+    """``A x = conv(x / std) + b`` for one zero-padded convolution, and the operators on images
+    that the quadratic loss needs: ``A`` (:meth:`forward`), ``Aᵀ`` (:meth:`adjoint`) and ``AᵀA``
+    (:meth:`gram`), in the weight's dtype (fp32 for bf16 models too: their weights are exact in fp32).
+
+    Args:
+        weight: ``(C_out, C, kh, kw)``, already divided by the model's input ``std``.
+        bias: ``(C_out,)``.
+        stride: equal in both directions.
+        padding: ``(top, bottom, left, right)`` zero padding.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    stride: int
+    padding: tuple[int, int, int, int]
+
+    def __post_init__(self) -> None:
+        self.weight = self.weight.detach()
+        self.bias = self.bias.detach().to(self.weight.dtype)
+        self.phase_weight = phase_kernel(self.weight, self.stride)
+        self.kernel = gram_kernel(self.phase_weight)
+        if self.weight.device.type == "cpu":  # oneDNN: channels-last is 3-4x faster with 3-12 channels
+            self.phase_weight = self.phase_weight.contiguous(memory_format=torch.channels_last)
+            self.kernel = self.kernel.contiguous(memory_format=torch.channels_last)
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(Ho, Wo)``: the code's spatial size for images of ``size``."""
+        t, b, lf, rt = self.padding
+        kh, kw = self.weight.shape[-2:]
+        return (size[0] + t + b - kh) // self.stride + 1, (size[1] + lf + rt - kw) // self.stride + 1
+
+    def cost_ratio(self, size: tuple[int, int]) -> float:
+        """Multiply-adds of ``AᵀA`` on images of ``size`` over those of the convolution itself."""
+        co, cu, Mh, Mw = self.phase_weight.shape
+        Hu, Wu = self.phase_size(size)
+        Ho, Wo = self.out_size(size)
+        return (cu * cu * (2 * Mh - 1) * (2 * Mw - 1) * Hu * Wu) / (co * self.weight[0].numel() * Ho * Wo)
+
+    def phase_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(Hu, Wu)``: the phases the valid outputs read, for images of ``size``."""
+        Mh, Mw = self.phase_weight.shape[-2:]
+        Ho, Wo = self.out_size(size)
+        return Ho - 1 + Mh, Wo - 1 + Mw
+
+    def pad(self, x: Tensor, buffer: Tensor | None = None) -> Tensor:
+        """The images ``x`` zero-padded and cut to the ``s Hu x s Wu`` pixels that the valid
+        outputs read, channels-last.  ``buffer``: the result of an earlier call with the same
+        shapes, refilled (its zero border is kept)."""
+        N, C, H, W = x.shape
+        s, (t, _b, lf, _r) = self.stride, self.padding
+        Hu, Wu = self.phase_size((H, W))
+        padded = buffer if buffer is not None else x.new_zeros(N, s * Hu, s * Wu, C).permute(0, 3, 1, 2)
+        h, w = min(H, s * Hu - t), min(W, s * Wu - lf)
+        padded[:, :, t : t + h, lf : lf + w] = x[:, :, :h, :w]
+        return padded
+
+    def phases(self, x: Tensor, buffer: Tensor | None = None) -> Tensor:
+        """The images ``x`` as the ``(N, C s², Hu, Wu)`` phases of :meth:`pad`'s image,
+        channels-last; phase channel ``c s² + ry s + rx`` holds pixel ``(s q + ry, s p + rx)``
+        (``pixel_unshuffle``'s order)."""
+        return self.split(self.pad(x, buffer))
+
+    def split(self, padded: Tensor) -> Tensor:
+        """:meth:`pad`'s image as phases (see :meth:`phases`)."""
+        if self.stride == 1:
+            return padded
+        # a stride-s convolution with a one-hot kernel: 0.5 ms for a 16 x 3 x 228² channels-last
+        # batch, against 2.6-6 ms for pixel_unshuffle or a permuted copy
+        return F.conv2d(padded, self._unshuffle(padded.dtype, padded.device), stride=self.stride)
+
+    def _unshuffle(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        C, s = self.weight.shape[1], self.stride
+        eye = torch.eye(C * s * s, dtype=dtype, device=device).view(C * s * s, C, s, s)
+        return eye.contiguous(memory_format=torch.channels_last)
+
+    def image(self, u: Tensor, size: tuple[int, int]) -> Tensor:
+        """The inverse of :meth:`phases` for a gradient: ``(N, C, H, W)`` (zero where no output
+        reads the image), possibly a strided view of ``u``."""
+        s, (t, _b, lf, _r) = self.stride, self.padding
+        N, Cu, Hu, Wu = u.shape
+        C = Cu // (s * s)
+        if s > 1:
+            u = u.reshape(N, C, s, s, Hu, Wu).permute(0, 1, 4, 2, 5, 3).reshape(N, C, Hu * s, Wu * s)
+        H, W = size
+        if t + H <= u.shape[2] and lf + W <= u.shape[3]:
+            return u[:, :, t : t + H, lf : lf + W]
+        return F.pad(u, (-lf, lf + W - u.shape[3], -t, t + H - u.shape[2]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``A x``: the convolution's output (the code), ``(N, C_out, Ho, Wo)``."""
+        return F.conv2d(self.phases(x), self.phase_weight, self.bias.to(x.device))
+
+    def adjoint_phases(self, code: Tensor) -> Tensor:
+        """``Aᵀ code`` as phases (:meth:`phases`' layout; the bias excluded)."""
+        u = F.conv_transpose2d(code.to(self.weight.dtype), self.phase_weight)
+        return u.contiguous(memory_format=torch.channels_last)
+
+    def adjoint(self, code: Tensor, size: tuple[int, int]) -> Tensor:
+        """``Aᵀ code`` for images of ``size``: the gradient of ``<A x, code>`` w.r.t. ``x``."""
+        return self.image(self.adjoint_phases(code), size).contiguous()
+
+    def gram_phases(self, u: Tensor) -> Tensor:
+        """``AᵀA`` applied to phases ``u`` (a new tensor, same layout), exact at the border: the
+        autocorrelation kernel, minus what the virtual outputs beyond the valid ones add, which
+        four bands ``M - 1`` phases wide compute."""
+        Mh, Mw = self.phase_weight.shape[-2:]
+        out = F.conv2d(u, self.kernel, padding=(Mh - 1, Mw - 1))
+        a, c = Mh - 1, Mw - 1
+        w = self.phase_weight
+
+        def ring(band: Tensor, kernel: Tensor) -> Tensor:  # AᵀA restricted to one band's outputs
+            return F.conv_transpose2d(F.conv2d(band, kernel), kernel)
+
+        if a:  # the rows of outputs above and below the valid ones, corners included
+            out[:, :, :a] -= ring(F.pad(u[:, :, :a], (c, c, a, 0)), w)[:, :, a:, c : c + u.shape[3]]
+            out[:, :, -a:] -= ring(F.pad(u[:, :, -a:], (c, c, 0, a)), w)[:, :, :a, c : c + u.shape[3]]
+        if c:  # the columns left and right, transposed into rows (oneDNN: 2.7x faster on 3-phase-wide bands)
+            wt, ut = w.transpose(-2, -1), u.transpose(-2, -1)
+            out[:, :, :, :c] -= ring(F.pad(ut[:, :, :c], (0, 0, c, 0)), wt)[:, :, c:].transpose(-2, -1)
+            out[:, :, :, -c:] -= ring(F.pad(ut[:, :, -c:], (0, 0, 0, c)), wt)[:, :, :c].transpose(-2, -1)
+        return out
+
+    def gram(self, x: Tensor) -> Tensor:
+        """``AᵀA x`` (bias excluded) for images ``x``."""
+        return self.image(self.gram_phases(self.phases(x)), tuple(x.shape[-2:])).contiguous()
+
+
+class QuadraticL2:
+    """The inversion loss of eq. (2), ``||A x + b - Φ0||² / ||Φ0||²`` per batch element, with its
+    gradient, from ``AᵀA x`` alone (see the module docstring): the engine's data term when Φ is
+    affine (:func:`quadratic_loss`).
+
+    Args:
+        conv: Φ as :class:`ConvGram`.
+        target: ``Φ0``, ``(N, C_out, Ho, Wo)``.
+        norm2: ``||Φ0||²`` per element (the loss's normalization).
+        size: the images' ``(H, W)``.
+    """
+
+    def __init__(self, conv: ConvGram, target: Tensor, norm2: Tensor, size: tuple[int, int]) -> None:
+        self.conv, self.size = conv, size
+        residual = target.detach().to(conv.weight.dtype) - conv.bias.to(target.device).view(1, -1, 1, 1)
+        self.r = conv.adjoint_phases(residual)  # Aᵀ(Φ0 - b), as phases
+        self.c0 = residual.square().sum((1, 2, 3), dtype=torch.float64)  # ||Φ0 - b||²
+        self.norm2 = norm2.double()
+        self._padded: Tensor | None = None  # the padded images: their zero border is written once
+
+    def value_and_grad(self, x: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``weight * loss`` per element and its gradient w.r.t. the images ``x`` (in ``x``'s dtype;
+        the gradient possibly a strided view)."""
+        self._padded = self.conv.pad(x.detach(), self._padded)
+        u = self.conv.split(self._padded)
+        d = self.conv.gram_phases(u).sub_(self.r)  # AᵀA x - r: half the unnormalized loss's gradient
+        # ||Ax + b - Φ0||² = <x, AᵀA x - r> - <x, r> + ||Φ0 - b||² (phases outside the image are 0)
+        x_row, d_col, r_col = (t.permute(0, 2, 3, 1).reshape(t.shape[0], 1, -1) for t in (u, d, self.r))
+        dots = [torch.bmm(x_row, col.transpose(1, 2)).view(-1) for col in (d_col, r_col)]  # no product tensor
+        values = (dots[0] - dots[1]).double() + self.c0
+        scale = weight / self.norm2.to(x.device)
+        d.mul_((2 * scale).to(d.dtype).view(-1, 1, 1, 1))
+        return (values * scale).to(x.dtype), self.conv.image(d, self.size)
+
+
+def enabled() -> bool:
+    """Whether the engine may use :class:`QuadraticL2` (``PREIMAGE_QUADRATIC=0`` turns it off)."""
+    return os.environ.get("PREIMAGE_QUADRATIC", "1") != "0"
+
+
+MAX_COST = {torch.float32: 1.0}
+"""Largest :meth:`ConvGram.cost_ratio` at which :func:`quadratic_loss` replaces Φ, per dtype of
+the model (others: :data:`LOW_PRECISION_MAX_COST`).  Measured on the CPU (interleaved A/B, engine
+ms per image and step, before -> after): fp32 VGG-VD-16 conv1_1 (ratio 0.13) b16 9.4 -> 0.9,
+b1 3.8 -> 2.1; SqueezeNet / VGG-M conv1 (0.53) b16 4.0 -> 1.7, b1 4.2 -> 3.0; AlexNet conv1 (1.77)
+b16 1.8 -> 1.8, b1 2.5 -> 3.1.  ``AᵀA`` runs in fp32, so against a bf16 Φ it must be cheaper
+still: VGG-VD-16 conv1_1 bf16 b16 2.2 -> 1.0, b1 3.3 -> 1.9; SqueezeNet conv1 bf16 b16 1.3 ->
+1.8 (slower)."""
+LOW_PRECISION_MAX_COST = 0.25
+
+
+def quadratic_loss(representation: object, loss: object, size: tuple[int, int],
+                   device: torch.device) -> QuadraticL2 | None:
+    """The engine's data term as :class:`QuadraticL2` where that is exact and measured faster,
+    else None (the engine then computes Φ and the loss).
+
+    Exact: an unmasked :class:`~preimage.objectives.L2Loss` of a Φ that is one convolution of the
+    image (:meth:`~preimage.representations.cnn.ModuleCut.affine`).  Faster: on the CPU, where
+    ``AᵀA`` costs at most :data:`MAX_COST` times the convolution's arithmetic (VGG-VD-16 conv1_1
+    in fp32 and bf16, SqueezeNet and VGG-M conv1 in fp32; not AlexNet's conv1, whose 4 x 4 phases
+    make ``AᵀA`` 1.8 x the convolution).  Not measured on CUDA: there Φ is used.
+    """
+    from ..objectives import L2Loss
+
+    if not enabled() or device.type != "cpu" or type(loss) is not L2Loss or loss.mask is not None:
+        return None
+    affine = getattr(representation, "affine", None)
+    conv = affine() if affine is not None else None
+    if conv is None:
+        return None
+    dtype = getattr(representation, "compute_dtype", torch.float32)
+    if conv.cost_ratio(size) > MAX_COST.get(dtype, LOW_PRECISION_MAX_COST):
+        return None
+    if tuple(loss.target.shape[-2:]) != conv.out_size(size):
+        return None
+    return QuadraticL2(conv, loss.target, loss.norm2, size)

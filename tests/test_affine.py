@@ -1,0 +1,180 @@
+"""An affine Φ's inversion loss from ``AᵀA`` (representations/affine.py): the same code, loss
+value and gradient as the convolution and autograd, and the engine's choice of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from preimage.defaults import Settings
+from preimage.engine import Stage, optimize
+from preimage.models.networks import PaddedConv2d
+from preimage.objectives import L2Loss
+from preimage.representations import ModuleCut
+from preimage.representations.affine import ConvGram, QuadraticL2, quadratic_loss
+from preimage.representations.cnn import low_precision
+
+# (kernel, stride, (top, bottom, left, right) padding, image size): VGG's conv1_1, AlexNet's,
+# SqueezeNet's and VGG-M's conv1, asymmetric padding, unread trailing rows, kernel < stride, 1 x 1
+CASES = [
+    (3, 1, (1, 1, 1, 1), (30, 33)),
+    (11, 4, (0, 0, 0, 0), (59, 62)),
+    (7, 2, (0, 0, 0, 0), (41, 44)),
+    (5, 2, (2, 1, 0, 3), (33, 36)),
+    (11, 4, (0, 0, 0, 0), (62, 61)),
+    (2, 3, (1, 1, 1, 1), (20, 23)),
+    (1, 1, (0, 0, 0, 0), (9, 12)),
+    (4, 2, (1, 1, 1, 1), (21, 24)),
+]
+
+
+def _conv(kernel: int, stride: int, padding: tuple[int, int, int, int], out: int = 6) -> ConvGram:
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    weight = torch.randn(out, 3, kernel, kernel, generator=g, dtype=torch.float64)
+    bias = torch.randn(out, generator=g, dtype=torch.float64)
+    return ConvGram(weight, bias, stride, padding)
+
+
+def _reference(conv: ConvGram, x: torch.Tensor) -> torch.Tensor:
+    t, b, lf, rt = conv.padding
+    return F.conv2d(F.pad(x, (lf, rt, t, b)), conv.weight, conv.bias, stride=conv.stride)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size", CASES)
+def test_forward_and_adjoint_are_the_convolutions(kernel, stride, padding, size) -> None:
+    """A x on the phases is the padded strided convolution; Aᵀ is its gradient."""
+    conv = _conv(kernel, stride, padding)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    want = _reference(conv, x)
+    assert conv.out_size(size) == tuple(want.shape[-2:])
+    torch.testing.assert_close(conv.forward(x), want, rtol=1e-12, atol=1e-10)
+    g = torch.randn_like(want)
+    (grad,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(conv.adjoint(g, size), grad, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size", CASES)
+def test_quadratic_loss_is_the_l2_loss_through_the_convolution(kernel, stride, padding, size) -> None:
+    """Value and gradient of ``||A x + b - Φ0||² / ||Φ0||²`` from AᵀA equal autograd's through
+    the convolution, border included, for every batch element and a weight C."""
+    conv = _conv(kernel, stride, padding)
+    x = torch.randn(3, 3, *size, dtype=torch.float64, requires_grad=True)
+    target = torch.randn_like(_reference(conv, x)) * 3
+    loss = L2Loss(target)
+    want = 7.0 * loss(_reference(conv, x))
+    (grad,) = torch.autograd.grad(want.sum(), x)
+    quad = QuadraticL2(conv, target, loss.norm2, size)
+    for _ in range(2):  # the second call reuses the padded buffer
+        value, got = quad.value_and_grad(x.detach(), weight=7.0)
+        torch.testing.assert_close(value.double(), want.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(got, grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(conv.gram(x.detach()), conv.adjoint(_reference(conv, x) - conv.bias.view(1, -1, 1, 1), size))
+
+
+class _Loss(torch.autograd.Function):
+    """QuadraticL2 as an autograd function, so that gradcheck can test its gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quad: QuadraticL2) -> torch.Tensor:  # type: ignore[override]
+        value, grad = quad.value_and_grad(x)
+        ctx.save_for_backward(grad.clone())
+        return value
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * g.view(-1, 1, 1, 1), None
+
+
+def test_gradcheck() -> None:
+    """The closed-form gradient against finite differences of the closed-form value."""
+    conv = _conv(5, 2, (2, 1, 0, 3))
+    x = torch.randn(2, 3, 13, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randn_like(_reference(conv, x))
+    quad = QuadraticL2(conv, target, torch.full((2,), 50.0, dtype=torch.float64), (13, 12))
+    assert torch.autograd.gradcheck(lambda x: _Loss.apply(x, quad), (x,))
+
+
+def _cut(model: nn.Module, layer: str, **kw) -> ModuleCut:
+    return ModuleCut(model, layer, geometry=None, **kw)
+
+
+def test_affine_recognizes_a_first_convolution_only() -> None:
+    """A cut at an image-facing convolution is affine (with the model's std folded in); a cut
+    after its ReLU, a model that clamps its input first, a grouped convolution are not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    rep = _cut(net, "0")  # torchvision's normalization: divides by std
+    conv = rep.affine()
+    assert conv is not None and conv.stride == 2 and conv.padding == (2, 2, 2, 2)
+    x = torch.randn(2, 3, 40, 41) * 60
+    torch.testing.assert_close(conv.forward(x), rep(x), rtol=1e-5, atol=1e-4)
+    assert _cut(net, "1").affine() is None and _cut(net, "2").affine() is None
+
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.clamp(-1, 1))
+
+    assert _cut(Clamped(), "conv").affine() is None
+    assert _cut(nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), "0").affine() is None
+    padded = nn.Sequential(PaddedConv2d(3, 8, 7, stride=2, pad=(0, 1, 0, 1)))
+    prep = _cut(padded, "0", mean=(104, 117, 123), std=(1, 1, 1))
+    conv = prep.affine()
+    assert conv is not None and conv.padding == (0, 1, 0, 1)
+    torch.testing.assert_close(conv.forward(x), prep(x), rtol=1e-5, atol=1e-4)
+
+
+def test_the_engine_uses_it_where_exact_and_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where AᵀA costs at most the convolution (fp32) or a quarter of it (bf16): VGG's conv1_1 in
+    both, SqueezeNet's conv1 in fp32 only, AlexNet's conv1 never; never with a mask, off the CPU,
+    or with PREIMAGE_QUADRATIC=0."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    stride1 = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1))
+    stride2 = nn.Sequential(nn.Conv2d(3, 96, 7, stride=2))
+    stride4 = nn.Sequential(nn.Conv2d(3, 96, 11, stride=4))
+    size = (67, 67)
+
+    def loss_for(rep: ModuleCut, mask: bool = False) -> L2Loss:
+        with torch.no_grad():
+            code = rep(torch.randn(1, 3, *size) * 50).float()
+        return L2Loss(code, torch.ones_like(code) if mask else None)
+
+    for model, precision, wanted in [(stride1, torch.float32, True), (stride1, torch.bfloat16, True),
+                                     (stride2, torch.float32, True), (stride2, torch.bfloat16, False),
+                                     (stride4, torch.float32, False)]:
+        rep = _cut(model if precision == torch.float32 else low_precision(model, precision), "0")
+        assert (quadratic_loss(rep, loss_for(rep), size, cpu) is not None) == wanted, (model, precision)
+    rep = _cut(stride1, "0")
+    assert quadratic_loss(rep, loss_for(rep, mask=True), size, cpu) is None
+    assert quadratic_loss(rep, loss_for(rep), size, torch.device("meta")) is None
+    monkeypatch.setenv("PREIMAGE_QUADRATIC", "0")
+    assert quadratic_loss(rep, loss_for(rep), size, cpu) is None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_engine_gives_the_same_inversion(stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optimizing through AᵀA follows the same path as optimizing through Φ: the same energies
+    and images after 30 jittered steps, to float rounding."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16 if stride == 1 else 96, 3 if stride == 1 else 7, stride=stride, padding=1))
+    rep = _cut(model, "0")
+    size = (32, 32)
+    with torch.no_grad():
+        target = rep(torch.rand(2, 3, *size) * 200 - 100)
+    settings = Settings(jitter=3, C=100.0)
+    assert quadratic_loss(rep, L2Loss(target), size, torch.device("cpu")) is not None
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PREIMAGE_QUADRATIC", flag)
+        runs[flag] = optimize(rep, L2Loss(target), size, [0, 1], settings, [Stage(30)])
+    fast, slow = runs["1"], runs["0"]
+    torch.testing.assert_close(fast.energy["loss"], slow.energy["loss"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(fast.x, slow.x, rtol=1e-3, atol=1e-2)
+    assert fast.energy["loss"][-1].max() < 0.9 * fast.energy["loss"][0].min()  # it did optimize
