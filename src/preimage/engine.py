@@ -8,6 +8,9 @@ Data flow per iteration::
 
     canvas x ─ crop τ ─▶ Φ ─▶ loss × C ─┐
     canvas x ─▶ N_alpha + TV^beta ──────┴─▶ energy ─▶ backward ─▶ Algorithm 1 ─▶ Π_B+ ─▶ x
+
+An affine Φ (a cut at a network's first convolution) takes the loss and its gradient from
+``AᵀA`` applied to the crop instead (:mod:`preimage.representations.affine`): Φ is not run.
 """
 
 from __future__ import annotations
