@@ -70,7 +70,8 @@ def test_quadratic_loss_is_the_l2_loss_through_the_convolution(kernel, stride, p
         value, got = quad.value_and_grad(x.detach(), weight=7.0)
         torch.testing.assert_close(value.double(), want.detach(), rtol=1e-6, atol=0)
         torch.testing.assert_close(got, grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(conv.gram(x.detach()), conv.adjoint(_reference(conv, x) - conv.bias.view(1, -1, 1, 1), size))
+    unbiased = _reference(conv, x) - conv.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(conv.gram(x.detach()), conv.adjoint(unbiased, size))
 
 
 class _Loss(torch.autograd.Function):
@@ -97,21 +98,17 @@ def test_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda x: _Loss.apply(x, quad), (x,))
 
 
-def _cut(model: nn.Module, layer: str, **kw) -> ModuleCut:
-    return ModuleCut(model, layer, geometry=None, **kw)
-
-
 def test_affine_recognizes_a_first_convolution_only() -> None:
     """A cut at an image-facing convolution is affine (with the model's std folded in); a cut
     after its ReLU, a model that clamps its input first, a grouped convolution are not."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    rep = _cut(net, "0")  # torchvision's normalization: divides by std
+    rep = ModuleCut(net, "0")  # torchvision's normalization: divides by std
     conv = rep.affine()
     assert conv is not None and conv.stride == 2 and conv.padding == (2, 2, 2, 2)
     x = torch.randn(2, 3, 40, 41) * 60
     torch.testing.assert_close(conv.forward(x), rep(x), rtol=1e-5, atol=1e-4)
-    assert _cut(net, "1").affine() is None and _cut(net, "2").affine() is None
+    assert ModuleCut(net, "1").affine() is None and ModuleCut(net, "2").affine() is None
 
     class Clamped(nn.Module):
         def __init__(self) -> None:
@@ -121,10 +118,10 @@ def test_affine_recognizes_a_first_convolution_only() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.conv(x.clamp(-1, 1))
 
-    assert _cut(Clamped(), "conv").affine() is None
-    assert _cut(nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), "0").affine() is None
+    assert ModuleCut(Clamped(), "conv").affine() is None
+    assert ModuleCut(nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), "0").affine() is None
     padded = nn.Sequential(PaddedConv2d(3, 8, 7, stride=2, pad=(0, 1, 0, 1)))
-    prep = _cut(padded, "0", mean=(104, 117, 123), std=(1, 1, 1))
+    prep = ModuleCut(padded, "0", mean=(104, 117, 123), std=(1, 1, 1))
     conv = prep.affine()
     assert conv is not None and conv.padding == (0, 1, 0, 1)
     torch.testing.assert_close(conv.forward(x), prep(x), rtol=1e-5, atol=1e-4)
@@ -149,9 +146,9 @@ def test_the_engine_uses_it_where_exact_and_faster(monkeypatch: pytest.MonkeyPat
     for model, precision, wanted in [(stride1, torch.float32, True), (stride1, torch.bfloat16, True),
                                      (stride2, torch.float32, True), (stride2, torch.bfloat16, False),
                                      (stride4, torch.float32, False)]:
-        rep = _cut(model if precision == torch.float32 else low_precision(model, precision), "0")
+        rep = ModuleCut(model if precision == torch.float32 else low_precision(model, precision), "0")
         assert (quadratic_loss(rep, loss_for(rep), size, cpu) is not None) == wanted, (model, precision)
-    rep = _cut(stride1, "0")
+    rep = ModuleCut(stride1, "0")
     assert quadratic_loss(rep, loss_for(rep, mask=True), size, cpu) is None
     assert quadratic_loss(rep, loss_for(rep), size, torch.device("meta")) is None
     monkeypatch.setenv("PREIMAGE_QUADRATIC", "0")
@@ -164,7 +161,7 @@ def test_the_engine_gives_the_same_inversion(stride: int, monkeypatch: pytest.Mo
     and images after 30 jittered steps, to float rounding."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 16 if stride == 1 else 96, 3 if stride == 1 else 7, stride=stride, padding=1))
-    rep = _cut(model, "0")
+    rep = ModuleCut(model, "0")
     size = (32, 32)
     with torch.no_grad():
         target = rep(torch.rand(2, 3, *size) * 200 - 100)

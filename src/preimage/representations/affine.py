@@ -16,7 +16,8 @@ backward passes together (VGG-VD-16 conv1_1, batch 16: 103 MB of bf16 code read 
 
 A convolution with stride ``s`` becomes a stride-1 one on the image's ``s x s`` phases
 (``pixel_unshuffle``: ``C s²`` channels), with its kernel's taps regrouped the same way
-(:func:`phase_kernel`); ``AᵀA`` is then a stride-1 convolution of the phases.
+(:func:`~preimage.representations.input_conv.phase_kernel`, which conv1's sub-pixel backward
+uses too); ``AᵀA`` is then a stride-1 convolution of the phases.
 
 ``AᵀA`` is shift-invariant except near the border, where outputs of a zero-padded image are
 missing: with ``K`` the kernel's autocorrelation (:func:`gram_kernel`),
@@ -35,18 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def phase_kernel(weight: Tensor, stride: int) -> Tensor:
-    """``(C_out, C, kh, kw)`` with stride ``s`` -> ``(C_out, C s², ceil(kh/s), ceil(kw/s))``: the
-    kernel of the same convolution applied, with stride 1, to the image's phases
-    (``F.pixel_unshuffle(x, s)``; taps beyond the kernel are zero)."""
-    co, ci, kh, kw = weight.shape
-    s = stride
-    Mh, Mw = -(-kh // s), -(-kw // s)
-    padded = weight.new_zeros(co, ci, Mh * s, Mw * s)
-    padded[..., :kh, :kw] = weight
-    # tap (s*m + r) of channel c is tap m of phase channel c*s*s + ry*s + rx (pixel_unshuffle's order)
-    return padded.view(co, ci, Mh, s, Mw, s).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * s * s, Mh, Mw)
+from .input_conv import phase_kernel
 
 
 def gram_kernel(weight: Tensor) -> Tensor:
@@ -80,11 +70,15 @@ class ConvGram:
     def __post_init__(self) -> None:
         self.weight = self.weight.detach()
         self.bias = self.bias.detach().to(self.weight.dtype)
-        self.phase_weight = phase_kernel(self.weight, self.stride)
+        self.phase_weight = phase_kernel(self.weight, (self.stride, self.stride))
         self.kernel = gram_kernel(self.phase_weight)
+        C, s = self.weight.shape[1], self.stride  # the one-hot kernel of split (pixel_unshuffle's order)
+        eye = torch.eye(C * s * s, dtype=self.weight.dtype, device=self.weight.device)
+        self.unshuffle = eye.view(C * s * s, C, s, s)
         if self.weight.device.type == "cpu":  # oneDNN: channels-last is 3-4x faster with 3-12 channels
             self.phase_weight = self.phase_weight.contiguous(memory_format=torch.channels_last)
             self.kernel = self.kernel.contiguous(memory_format=torch.channels_last)
+            self.unshuffle = self.unshuffle.contiguous(memory_format=torch.channels_last)
 
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """``(Ho, Wo)``: the code's spatial size for images of ``size``."""
@@ -129,12 +123,7 @@ class ConvGram:
             return padded
         # a stride-s convolution with a one-hot kernel: 0.5 ms for a 16 x 3 x 228² channels-last
         # batch, against 2.6-6 ms for pixel_unshuffle or a permuted copy
-        return F.conv2d(padded, self._unshuffle(padded.dtype, padded.device), stride=self.stride)
-
-    def _unshuffle(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        C, s = self.weight.shape[1], self.stride
-        eye = torch.eye(C * s * s, dtype=dtype, device=device).view(C * s * s, C, s, s)
-        return eye.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(padded, self.unshuffle, stride=self.stride)
 
     def image(self, u: Tensor, size: tuple[int, int]) -> Tensor:
         """The inverse of :meth:`phases` for a gradient: ``(N, C, H, W)`` (zero where no output

@@ -200,18 +200,13 @@ class ModuleCut(Representation):
         cut is a single zero-padded convolution of the image (a network's first layer), else
         None.  The form is checked against the model's own output on random images, so a model
         whose ``forward`` does anything else before that convolution is never mistaken for one."""
-        from ..models.networks import PaddedConv2d
         from .affine import ConvGram
+        from .input_conv import zero_padding
 
         conv = self._target
-        if type(conv) is PaddedConv2d and tuple(conv.padding) == (0, 0):
-            padding = conv.padding4
-        elif type(conv) is nn.Conv2d and not isinstance(conv.padding, str):
-            padding = (conv.padding[0], conv.padding[0], conv.padding[1], conv.padding[1])
-        else:
-            return None
-        if (conv.in_channels != self.in_channels or conv.groups != 1 or tuple(conv.dilation) != (1, 1)
-                or conv.padding_mode != "zeros" or conv.stride[0] != conv.stride[1]):
+        padding = zero_padding(conv) if isinstance(conv, nn.Conv2d) else None
+        if (padding is None or conv.in_channels != self.in_channels or conv.groups != 1
+                or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros" or conv.stride[0] != conv.stride[1]):
             return None
         weight = conv.weight.detach().float()
         if self._divide:

@@ -52,17 +52,23 @@ ALIGNED_DEVICES = {"cuda"}  # device types whose kernels want channel counts tha
 PAD_TO = 8  # cuDNN's fast bf16 kernels want 8 channels: 3 made the backward 3-4x slower (H200)
 
 
-def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The (top, left) zero padding of ``conv``'s input, or None for a convolution this module
-    cannot handle."""
+def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int] | None:
+    """The ``(top, bottom, left, right)`` zero padding of ``conv``'s input, or None for a
+    convolution this module cannot handle."""
     from ..models.networks import DenseConv2d, PaddedConv2d
 
     if type(conv) is PaddedConv2d:
-        top, _bottom, left, _right = conv.padding4
-        return (top, left) if conv.padding == (0, 0) else None
+        return conv.padding4 if conv.padding == (0, 0) else None
     if type(conv) not in (nn.Conv2d, DenseConv2d) or isinstance(conv.padding, str):
         return None
-    return int(conv.padding[0]), int(conv.padding[1])
+    ph, pw = int(conv.padding[0]), int(conv.padding[1])
+    return ph, ph, pw, pw
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The (top, left) zero padding of ``conv``'s input (see :func:`zero_padding`)."""
+    pad = zero_padding(conv)
+    return (pad[0], pad[2]) if pad is not None else None
 
 
 def qualifies(module: nn.Module) -> bool:
@@ -77,16 +83,24 @@ def qualifies(module: nn.Module) -> bool:
             and not module.weight.requires_grad)
 
 
-def subpixel_kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
-    """``(C_out, C_in, kh, kw)`` -> the ``(C_in*sh*sw, C_out, Mh, Mw)`` kernel of the phases
-    (``M = ceil(k / s)``, taps beyond ``k`` zero), flipped for a correlation."""
+def phase_kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
+    """``(C_out, C_in, kh, kw)`` with stride ``(sh, sw)`` -> ``(C_out, C_in*sh*sw, Mh, Mw)``
+    (``M = ceil(k / s)``, taps beyond ``k`` zero): the kernel of the same convolution applied, with
+    stride 1, to the input's phases; tap ``s*m + r`` of channel ``c`` is tap ``m`` of phase channel
+    ``c*sh*sw + ry*sw + rx`` (``pixel_unshuffle``'s order)."""
     co, ci, kh, kw = weight.shape
     sh, sw = stride
     Mh, Mw = -(-kh // sh), -(-kw // sw)
     padded = weight.new_zeros(co, ci, Mh * sh, Mw * sw)
     padded[..., :kh, :kw] = weight
-    phases = padded.view(co, ci, Mh, sh, Mw, sw).permute(1, 3, 5, 0, 2, 4)  # c, ry, rx, o, my, mx
-    kernel = phases.flip(-2, -1).reshape(ci * sh * sw, co, Mh, Mw)
+    return padded.view(co, ci, Mh, sh, Mw, sw).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, Mh, Mw)
+
+
+def subpixel_kernel(weight: Tensor, stride: tuple[int, int]) -> Tensor:
+    """``(C_out, C_in, kh, kw)`` -> the ``(C_in*sh*sw, C_out, Mh, Mw)`` kernel of the phases
+    (:func:`phase_kernel`), flipped for a correlation."""
+    kernel = phase_kernel(weight, stride).transpose(0, 1).flip(-2, -1)
+    kh, kw = weight.shape[-2:]
     layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and kh * kw > 1 \
         else torch.contiguous_format
     return kernel.contiguous(memory_format=layout)
