@@ -24,13 +24,14 @@ missing: with ``K`` the kernel's autocorrelation (:func:`gram_kernel`),
 ``AᵀA u = K ⋆ u - Aᵀ M A u`` where ``M`` keeps the ring of virtual outputs that overhang the
 valid ones (``k - 1`` wide); those are computed on four thin bands of the image
 (:meth:`ConvGram.gram_phases`).  Everything is exact: the tests compare values and gradients with
-autograd through the convolution.
+autograd through the convolution.  For a bf16 model ``AᵀA``'s convolutions run in bf16
+(:attr:`ConvGram.compute_dtype`): ``r``, the subtraction and the dot products stay fp32.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,32 +54,44 @@ def gram_kernel(weight: Tensor) -> Tensor:
 class ConvGram:
     """``A x = conv(x / std) + b`` for one zero-padded convolution, and the operators on images
     that the quadratic loss needs: ``A`` (:meth:`forward`), ``Aᵀ`` (:meth:`adjoint`) and ``AᵀA``
-    (:meth:`gram`), in the weight's dtype (fp32 for bf16 models too: their weights are exact in fp32).
+    (:meth:`gram`), in the weight's dtype (fp32 for bf16 models too: their weights are exact in
+    fp32), except that ``AᵀA``'s convolutions may run in a lower ``compute_dtype``.
 
     Args:
         weight: ``(C_out, C, kh, kw)``, already divided by the model's input ``std``.
         bias: ``(C_out,)``.
         stride: equal in both directions.
         padding: ``(top, bottom, left, right)`` zero padding.
+        compute_dtype: the dtype of ``AᵀA``'s convolutions (:meth:`gram_phases`), default the
+            weight's.  bf16 (oneDNN accumulates in fp32, then rounds each output to 8 bits) is
+            3-7 x faster than fp32 here; its results are returned in the weight's dtype.
     """
 
     weight: Tensor
     bias: Tensor
     stride: int
     padding: tuple[int, int, int, int]
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         self.weight = self.weight.detach()
         self.bias = self.bias.detach().to(self.weight.dtype)
+        self.compute_dtype = self.compute_dtype or self.weight.dtype
         self.phase_weight = phase_kernel(self.weight, (self.stride, self.stride))
-        self.kernel = gram_kernel(self.phase_weight)
+        self.kernel = gram_kernel(self.phase_weight).to(self.compute_dtype)
+        # the virtual-output bands' kernels (columns transposed into rows, see gram_phases)
+        self.band_weight = self.phase_weight.to(self.compute_dtype)
+        self.band_weight_t = self.band_weight.transpose(-2, -1)
         C, s = self.weight.shape[1], self.stride  # the one-hot kernel of split (pixel_unshuffle's order)
         eye = torch.eye(C * s * s, dtype=self.weight.dtype, device=self.weight.device)
         self.unshuffle = eye.view(C * s * s, C, s, s)
         if self.weight.device.type == "cpu":  # oneDNN: channels-last is 3-4x faster with 3-12 channels
-            self.phase_weight = self.phase_weight.contiguous(memory_format=torch.channels_last)
-            self.kernel = self.kernel.contiguous(memory_format=torch.channels_last)
-            self.unshuffle = self.unshuffle.contiguous(memory_format=torch.channels_last)
+            last = torch.channels_last
+            self.phase_weight = self.phase_weight.contiguous(memory_format=last)
+            self.kernel = self.kernel.contiguous(memory_format=last)
+            self.unshuffle = self.unshuffle.contiguous(memory_format=last)
+            self.band_weight = self.band_weight.contiguous(memory_format=last)
+            self.band_weight_t = self.band_weight_t.contiguous(memory_format=last)
 
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """``(Ho, Wo)``: the code's spatial size for images of ``size``."""
@@ -151,23 +164,28 @@ class ConvGram:
         """``Aᵀ code`` for images of ``size``: the gradient of ``<A x, code>`` w.r.t. ``x``."""
         return self.image(self.adjoint_phases(code), size).contiguous()
 
-    def gram_phases(self, u: Tensor) -> Tensor:
-        """``AᵀA`` applied to phases ``u`` (a new tensor, same layout), exact at the border: the
-        autocorrelation kernel, minus what the virtual outputs beyond the valid ones add, which
-        four bands ``M - 1`` phases wide compute."""
+    def gram_phases(self, u: Tensor, minus: Tensor | None = None) -> Tensor:
+        """``AᵀA`` applied to phases ``u``, minus ``minus`` if given: a new tensor in the weight's
+        dtype, same layout; exact at the border: the autocorrelation kernel, minus what the
+        virtual outputs beyond the valid ones add, which four bands ``M - 1`` phases wide compute."""
         Mh, Mw = self.phase_weight.shape[-2:]
+        u = u.to(self.compute_dtype)
         out = F.conv2d(u, self.kernel, padding=(Mh - 1, Mw - 1))
+        if minus is not None:  # one pass, in the weight's dtype (type promotion)
+            out = torch.sub(out, minus.to(self.weight.dtype))
+        elif out.dtype != self.weight.dtype:
+            out = out.to(self.weight.dtype)
         a, c = Mh - 1, Mw - 1
-        w = self.phase_weight
 
         def ring(band: Tensor, kernel: Tensor) -> Tensor:  # AᵀA restricted to one band's outputs
             return F.conv_transpose2d(F.conv2d(band, kernel), kernel)
 
         if a:  # the rows of outputs above and below the valid ones, corners included
+            w = self.band_weight
             out[:, :, :a] -= ring(F.pad(u[:, :, :a], (c, c, a, 0)), w)[:, :, a:, c : c + u.shape[3]]
             out[:, :, -a:] -= ring(F.pad(u[:, :, -a:], (c, c, 0, a)), w)[:, :, :a, c : c + u.shape[3]]
         if c:  # the columns left and right, transposed into rows (oneDNN: 2.7x faster on 3-phase-wide bands)
-            wt, ut = w.transpose(-2, -1), u.transpose(-2, -1)
+            wt, ut = self.band_weight_t, u.transpose(-2, -1)
             out[:, :, :, :c] -= ring(F.pad(ut[:, :, :c], (0, 0, c, 0)), wt)[:, :, c:].transpose(-2, -1)
             out[:, :, :, -c:] -= ring(F.pad(ut[:, :, -c:], (0, 0, 0, c)), wt)[:, :, :c].transpose(-2, -1)
         return out
@@ -202,7 +220,7 @@ class QuadraticL2:
         the gradient possibly a strided view)."""
         self._padded = self.conv.pad(x.detach(), self._padded)
         u = self.conv.split(self._padded)
-        d = self.conv.gram_phases(u).sub_(self.r)  # AᵀA x - r: half the unnormalized loss's gradient
+        d = self.conv.gram_phases(u, minus=self.r)  # AᵀA x - r: half the unnormalized loss's gradient
         # ||Ax + b - Φ0||² = <x, AᵀA x - r> - <x, r> + ||Φ0 - b||² (phases outside the image are 0)
         x_row, d_col, r_col = (t.permute(0, 2, 3, 1).reshape(t.shape[0], 1, -1) for t in (u, d, self.r))
         dots = [torch.bmm(x_row, col.transpose(1, 2)).view(-1) for col in (d_col, r_col)]  # no product tensor
@@ -217,15 +235,14 @@ def enabled() -> bool:
     return os.environ.get("PREIMAGE_QUADRATIC", "1") != "0"
 
 
-MAX_COST = {torch.float32: 1.0}
+MAX_COST = {torch.float32: 1.0, torch.bfloat16: 1.0}
 """Largest :meth:`ConvGram.cost_ratio` at which :func:`quadratic_loss` replaces Φ, per dtype of
-the model (others: :data:`LOW_PRECISION_MAX_COST`).  Measured on the CPU (interleaved A/B, engine
-ms per image and step, before -> after): fp32 VGG-VD-16 conv1_1 (ratio 0.13) b16 9.4 -> 0.9,
-b1 3.8 -> 2.1; SqueezeNet / VGG-M conv1 (0.53) b16 4.0 -> 1.7, b1 4.2 -> 3.0; AlexNet conv1 (1.77)
-b16 1.8 -> 1.8, b1 2.5 -> 3.1.  ``AᵀA`` runs in fp32, so against a bf16 Φ it must be cheaper
-still: VGG-VD-16 conv1_1 bf16 b16 2.2 -> 1.0, b1 3.3 -> 1.9; SqueezeNet conv1 bf16 b16 1.3 ->
-1.8 (slower)."""
-LOW_PRECISION_MAX_COST = 0.25
+the model (``AᵀA``'s convolutions run in that dtype; other dtypes never replace Φ).  Measured on
+the CPU (interleaved A/B, engine ms per image and step, Φ -> AᵀA): fp32 VGG-VD-16 conv1_1 (ratio
+0.13) b16 9.4 -> 0.9, b1 3.8 -> 2.1; SqueezeNet / VGG-M conv1 (0.53) b16 4.0 -> 1.7, b1 4.2 ->
+3.0; AlexNet conv1 (1.77) b16 1.8 -> 1.8, b1 2.5 -> 3.1 (not used).  bf16 VGG-VD-16 conv1_1
+b16 2.3 -> 0.6, b1 2.5 -> 1.7; SqueezeNet / VGG-M conv1 b16 1.2 -> 0.9, b1 1.8 -> 1.9 (equal
+within noise); AlexNet conv1 b16 0.6 -> 0.8, b1 1.3 -> 2.1 (not used)."""
 
 
 def quadratic_loss(representation: object, loss: object, size: tuple[int, int],
@@ -235,9 +252,12 @@ def quadratic_loss(representation: object, loss: object, size: tuple[int, int],
 
     Exact: an unmasked :class:`~preimage.objectives.L2Loss` of a Φ that is one convolution of the
     image (:meth:`~preimage.representations.cnn.ModuleCut.affine`).  Faster: on the CPU, where
-    ``AᵀA`` costs at most :data:`MAX_COST` times the convolution's arithmetic (VGG-VD-16 conv1_1
-    in fp32 and bf16, SqueezeNet and VGG-M conv1 in fp32; not AlexNet's conv1, whose 4 x 4 phases
-    make ``AᵀA`` 1.8 x the convolution).  Not measured on CUDA: there Φ is used.
+    ``AᵀA`` costs at most :data:`MAX_COST` times the convolution's arithmetic (VGG-VD-16 conv1_1,
+    SqueezeNet and VGG-M conv1; not AlexNet's conv1, whose 4 x 4 phases make ``AᵀA`` 1.8 x the
+    convolution).  ``AᵀA``'s convolutions run in the model's precision: for a bf16 model its
+    output is rounded to bf16 before ``r`` is subtracted, which changed SqueezeNet conv1's
+    inversions (Table 5 protocol, C = 100, 50 images) by +0.01 ± 0.01 points of error (at most
+    0.06).  Not measured on CUDA: there Φ is used.
     """
     from ..objectives import L2Loss
 
@@ -248,8 +268,8 @@ def quadratic_loss(representation: object, loss: object, size: tuple[int, int],
     if conv is None:
         return None
     dtype = getattr(representation, "compute_dtype", torch.float32)
-    if conv.cost_ratio(size) > MAX_COST.get(dtype, LOW_PRECISION_MAX_COST):
+    if dtype not in MAX_COST or conv.cost_ratio(size) > MAX_COST[dtype]:
         return None
     if tuple(loss.target.shape[-2:]) != conv.out_size(size):
         return None
-    return QuadraticL2(conv, loss.target, loss.norm2, size)
+    return QuadraticL2(replace(conv, compute_dtype=dtype), loss.target, loss.norm2, size)
