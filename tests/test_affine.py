@@ -13,7 +13,7 @@ from preimage.engine import Stage, optimize
 from preimage.models.networks import PaddedConv2d
 from preimage.objectives import L2Loss
 from preimage.representations import ModuleCut
-from preimage.representations.affine import ConvGram, QuadraticL2, quadratic_loss
+from preimage.representations.affine import BORDER_LOW_PRECISION_BATCH, ConvGram, QuadraticL2, quadratic_loss
 from preimage.representations.cnn import low_precision
 
 # (kernel, stride, (top, bottom, left, right) padding, image size): VGG's conv1_1, AlexNet's,
@@ -74,16 +74,18 @@ def test_quadratic_loss_is_the_l2_loss_through_the_convolution(kernel, stride, p
     torch.testing.assert_close(conv.gram(x.detach()), conv.adjoint(unbiased, size))
 
 
+@pytest.mark.parametrize("batch", [2, BORDER_LOW_PRECISION_BATCH])
 @pytest.mark.parametrize("kernel, stride, padding, size", CASES[:4])
-def test_bf16_gram_is_exact_to_bf16_rounding(kernel, stride, padding, size) -> None:
+def test_bf16_gram_is_exact_to_bf16_rounding(kernel, stride, padding, size, batch) -> None:
     """With bf16 convolutions (a bf16 model's), AᵀA x differs from the exact one by bf16's
     rounding of inputs, kernel and outputs (measured 0.3 %: within 2⁻⁷, and far above fp32's
-    1e-7), and the loss's gradient by as much of its AᵀA x term."""
+    1e-7), and the loss's gradient by as much of its AᵀA x term; the border in fp32 (small
+    batches) or in bf16."""
     exact = _conv(kernel, stride, padding, out=16)
     conv = ConvGram(exact.weight.float(), exact.bias.float(), stride, padding, torch.bfloat16)
     assert conv.kernel.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=g) * 50
+    x = torch.randn(batch, 3, *size, dtype=torch.float64, generator=g) * 50
     want = exact.gram(x)
     got = conv.gram(x.float())
     assert got.dtype == torch.float32

@@ -54,6 +54,13 @@ def gram_kernel(weight: Tensor) -> Tensor:
     return F.conv2d(w, w, padding=(kh - 1, kw - 1)).transpose(0, 1).contiguous()
 
 
+BORDER_LOW_PRECISION_BATCH = 4
+"""The smallest batch at which :meth:`ConvGram.gram_phases` computes the border in its
+``compute_dtype`` when that is not the weight's (below it, in the weight's): bf16's 1-D
+convolutions here cost ~70 µs each at batch 1 against fp32's 24, and 7 µs per image against 17
+at batch 16."""
+
+
 def _shifted(weight: Tensor, rows: int, shift: int, cols: int = 0, col_shift: int = 0) -> Tensor:
     """``V[o, i, c, m] = weight[o, c, i + shift, m]`` for ``i < rows`` (zero outside the kernel):
     the taps that the ``rows`` border rows of an image meet in one virtual output row; with
@@ -124,11 +131,13 @@ class ConvGram:
         above, below = range(1, a + 1), range(0, -a, -1)  # the kernel row that border row 0 meets
         left, right = range(1, c + 1), range(0, -c, -1)
         wt = w.transpose(-2, -1)
-        dtype = self.compute_dtype
-        self.bands = [_band_kernel(k, shifts).to(dtype) if shifts else None
-                      for k, shifts in ((w, above), (w, below), (wt, left), (wt, right))]
-        self.corners = torch.stack([_corner_matrix(w, rows, cols).to(dtype) for rows in (above, below)
-                                    for cols in (left, right)]) if a and c else None
+        bands = [_band_kernel(k, shifts) if shifts else None
+                 for k, shifts in ((w, above), (w, below), (wt, left), (wt, right))]
+        corners = torch.stack([_corner_matrix(w, rows, cols) for rows in (above, below)
+                               for cols in (left, right)]) if a and c else None
+        self.border = {dtype: ([b.to(dtype) if b is not None else None for b in bands],
+                               corners.to(dtype) if corners is not None else None)
+                       for dtype in {self.compute_dtype, self.weight.dtype}}  # per dtype: see gram_phases
         C, s = self.weight.shape[1], self.stride  # the one-hot kernel of split (pixel_unshuffle's order)
         eye = torch.eye(C * s * s, dtype=self.weight.dtype, device=self.weight.device)
         self.unshuffle = eye.view(C * s * s, C, s, s)
@@ -218,28 +227,31 @@ class ConvGram:
         convolutions with the code's channels per band), per image at batch 16 / 1, fp32:
         SqueezeNet conv1 1.45 -> 1.09 / 2.22 -> 1.49 ms per loss evaluation."""
         Mh, Mw = self.phase_weight.shape[-2:]
-        u = u.to(self.compute_dtype)
-        out = F.conv2d(u, self.kernel, padding=(Mh - 1, Mw - 1))
+        N, C, Hu, Wu = u.shape
+        compute = u.to(self.compute_dtype)
+        out = F.conv2d(compute, self.kernel, padding=(Mh - 1, Mw - 1))
+        if N >= BORDER_LOW_PRECISION_BATCH:  # bf16's 1-D convolutions cost ~65 µs each to start
+            u = compute
+        bands, corners = self.border[u.dtype]
         if minus is not None:  # one pass, in the weight's dtype (type promotion)
             out = torch.sub(out, minus.to(self.weight.dtype))
         elif out.dtype != self.weight.dtype:
             out = out.to(self.weight.dtype)
         a, c = Mh - 1, Mw - 1
-        N, C, Hu, Wu = u.shape
         if a:  # the rows of virtual outputs above and below the valid ones, corners included
-            for rows, kernel in ((slice(0, a), self.bands[0]), (slice(Hu - a, Hu), self.bands[1])):
+            for rows, kernel in ((slice(0, a), bands[0]), (slice(Hu - a, Hu), bands[1])):
                 band = u[:, :, rows].transpose(1, 2).reshape(N, a * C, Wu)
                 ring = F.conv1d(band, kernel, padding=Mw - 1).view(N, a, C, Wu).transpose(1, 2)
                 out[:, :, rows] -= ring
         if c:  # the columns left and right, corners included
-            for cols, kernel in ((slice(0, c), self.bands[2]), (slice(Wu - c, Wu), self.bands[3])):
+            for cols, kernel in ((slice(0, c), bands[2]), (slice(Wu - c, Wu), bands[3])):
                 band = u[:, :, :, cols].permute(0, 3, 1, 2).reshape(N, c * C, Hu)
                 ring = F.conv1d(band, kernel, padding=Mh - 1).view(N, c, C, Hu).permute(0, 2, 3, 1)
                 out[:, :, :, cols] -= ring
-        if self.corners is not None:  # counted by two bands each: added back once
+        if corners is not None:  # counted by two bands each: added back once
             spots = [(r, k) for r in (slice(0, a), slice(Hu - a, Hu)) for k in (slice(0, c), slice(Wu - c, Wu))]
             blocks = torch.stack([u[:, :, r, k].reshape(N, -1) for r, k in spots])
-            back = torch.bmm(blocks, self.corners)  # symmetric: block @ G = (G block)ᵀ
+            back = torch.bmm(blocks, corners)  # symmetric: block @ G = (G block)ᵀ
             for (r, k), block in zip(spots, back):
                 out[:, :, r, k] += block.view(N, C, a, c)
         return out
