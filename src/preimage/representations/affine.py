@@ -133,11 +133,13 @@ class ConvGram:
         wt = w.transpose(-2, -1)
         bands = [_band_kernel(k, shifts) if shifts else None
                  for k, shifts in ((w, above), (w, below), (wt, left), (wt, right))]
-        corners = torch.stack([_corner_matrix(w, rows, cols) for rows in (above, below)
-                               for cols in (left, right)]) if a and c else None
-        self.border = {dtype: ([b.to(dtype) if b is not None else None for b in bands],
+        # the bands negated, the corners added back (one block-diagonal matrix): gram_phases adds it all
+        corners = torch.block_diag(*[_corner_matrix(w, rows, cols) for rows in (above, below)
+                                     for cols in (left, right)]) if a and c else None
+        self.border = {dtype: ([(-b).to(dtype) for b in bands if b is not None],
                                corners.to(dtype) if corners is not None else None)
                        for dtype in {self.compute_dtype, self.weight.dtype}}  # per dtype: see gram_phases
+        self._border_index: dict[tuple[int, int, int, torch.device], Tensor] = {}
         C, s = self.weight.shape[1], self.stride  # the one-hot kernel of split (pixel_unshuffle's order)
         eye = torch.eye(C * s * s, dtype=self.weight.dtype, device=self.weight.device)
         self.unshuffle = eye.view(C * s * s, C, s, s)
@@ -237,24 +239,43 @@ class ConvGram:
             out = torch.sub(out, minus.to(self.weight.dtype))
         elif out.dtype != self.weight.dtype:
             out = out.to(self.weight.dtype)
-        a, c = Mh - 1, Mw - 1
-        if a:  # the rows of virtual outputs above and below the valid ones, corners included
-            for rows, kernel in ((slice(0, a), bands[0]), (slice(Hu - a, Hu), bands[1])):
-                band = u[:, :, rows].transpose(1, 2).reshape(N, a * C, Wu)
-                ring = F.conv1d(band, kernel, padding=Mw - 1).view(N, a, C, Wu).transpose(1, 2)
-                out[:, :, rows] -= ring
-        if c:  # the columns left and right, corners included
-            for cols, kernel in ((slice(0, c), bands[2]), (slice(Wu - c, Wu), bands[3])):
-                band = u[:, :, :, cols].permute(0, 3, 1, 2).reshape(N, c * C, Hu)
-                ring = F.conv1d(band, kernel, padding=Mh - 1).view(N, c, C, Hu).permute(0, 2, 3, 1)
-                out[:, :, :, cols] -= ring
-        if corners is not None:  # counted by two bands each: added back once
-            spots = [(r, k) for r in (slice(0, a), slice(Hu - a, Hu)) for k in (slice(0, c), slice(Wu - c, Wu))]
-            blocks = torch.stack([u[:, :, r, k].reshape(N, -1) for r, k in spots])
-            back = torch.bmm(blocks, corners)  # symmetric: block @ G = (G block)ᵀ
-            for (r, k), block in zip(spots, back):
-                out[:, :, r, k] += block.view(N, C, a, c)
+        index = self.border_index(Hu, Wu, C, u.device)
+        if index is None:
+            return out
+        # every band and corner of u in one gather, their corrections in one scatter (channels-last)
+        last = torch.channels_last
+        gathered = u.contiguous(memory_format=last).permute(0, 2, 3, 1).reshape(N, -1).index_select(1, index)
+        parts, start = [], 0
+        lengths = ([Wu, Wu] if Mh > 1 else []) + ([Hu, Hu] if Mw > 1 else [])  # rows along Wu, columns along Hu
+        for kernel, length in zip(bands, lengths):  # kernel: (a C, a C, 2 kw - 1)
+            end = start + kernel.shape[0] * length
+            parts.append(F.conv1d(gathered[:, start:end].view(N, kernel.shape[0], length), kernel,
+                                  padding=(kernel.shape[-1] - 1) // 2).view(N, -1))
+            start = end
+        if corners is not None:
+            parts.append(gathered[:, start:] @ corners)
+        out = out.contiguous(memory_format=last)
+        ring = torch.cat(parts, 1).to(out.dtype)  # scatter_add_, not index_add_: 15 µs against 700 here
+        out.permute(0, 2, 3, 1).view(N, -1).scatter_add_(1, index.expand(N, -1), ring)
         return out
+
+    def border_index(self, Hu: int, Wu: int, C: int, device: torch.device) -> Tensor | None:
+        """Where :meth:`gram_phases`' border terms sit in a channels-last ``(C, Hu, Wu)`` image,
+        flattened: the top, bottom, left and right bands (each ``(rows, channel, along)``, as
+        :func:`_band_kernel` orders them), then the four corners (``(channel, row, column)``);
+        None without a border (a 1 x 1 kernel).  Built once per size."""
+        key = (Hu, Wu, C, device)
+        if key not in self._border_index:
+            Mh, Mw = self.phase_weight.shape[-2:]
+            a, c = Mh - 1, Mw - 1
+            pos = torch.arange(Hu * Wu * C, device=device).view(Hu, Wu, C)
+            parts = [pos[:a].permute(0, 2, 1), pos[Hu - a :].permute(0, 2, 1)] if a else []
+            parts += [pos[:, :c].permute(1, 2, 0), pos[:, Wu - c :].permute(1, 2, 0)] if c else []
+            if a and c:
+                parts += [pos[r, k].permute(2, 0, 1) for r in (slice(0, a), slice(Hu - a, Hu))
+                          for k in (slice(0, c), slice(Wu - c, Wu))]
+            self._border_index[key] = torch.cat([p.flatten() for p in parts]) if parts else None  # type: ignore[assignment]
+        return self._border_index[key]
 
     def gram(self, x: Tensor) -> Tensor:
         """``AᵀA x`` (bias excluded) for images ``x``."""
