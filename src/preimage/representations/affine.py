@@ -64,7 +64,7 @@ at batch 16."""
 def _shifted(weight: Tensor, rows: int, shift: int, cols: int = 0, col_shift: int = 0) -> Tensor:
     """``V[o, i, c, m] = weight[o, c, i + shift, m]`` for ``i < rows`` (zero outside the kernel):
     the taps that the ``rows`` border rows of an image meet in one virtual output row; with
-    ``cols``, also ``j < cols`` and ``m = j + col_shift``: ``(C_out, rows, C, cols)``."""
+    ``cols``, also ``j < cols`` and ``m = j + col_shift``: ``(C_out, rows, C, cols or kw)``."""
     kh, kw = weight.shape[-2:]
     out = weight.new_zeros(weight.shape[0], rows, weight.shape[1], cols or kw)
     for i in range(rows):
@@ -221,18 +221,18 @@ class ConvGram:
         return self.image(self.adjoint_phases(code), size).contiguous()
 
     def gram_phases(self, u: Tensor, minus: Tensor | None = None) -> Tensor:
-        """``AᵀA`` applied to phases ``u``, minus ``minus`` if given: a new tensor in the weight's
-        dtype, same layout; exact at the border: the autocorrelation kernel, minus what the
+        """``AᵀA`` applied to phases ``u``, minus ``minus`` if given: a new channels-last tensor in
+        the weight's dtype; exact at the border: the autocorrelation kernel, minus what the
         virtual outputs beyond the valid ones add (four bands ``M - 1`` phases wide, as 1-D
         convolutions along them, and the four corners added back: see the module docstring).
         Measured against computing each band's virtual outputs and their adjoint (two
         convolutions with the code's channels per band), per image at batch 16 / 1, fp32:
-        SqueezeNet conv1 1.45 -> 1.09 / 2.22 -> 1.49 ms per loss evaluation."""
+        SqueezeNet conv1 1.45 -> 1.1 / 2.2 -> 1.5 ms per loss evaluation."""
         Mh, Mw = self.phase_weight.shape[-2:]
         N, C, Hu, Wu = u.shape
         compute = u.to(self.compute_dtype)
         out = F.conv2d(compute, self.kernel, padding=(Mh - 1, Mw - 1))
-        if N >= BORDER_LOW_PRECISION_BATCH:  # bf16's 1-D convolutions cost ~65 µs each to start
+        if N >= BORDER_LOW_PRECISION_BATCH:  # below it, bf16's 1-D convolutions cost more than fp32's
             u = compute
         bands, corners = self.border[u.dtype]
         if minus is not None:  # one pass, in the weight's dtype (type promotion)
