@@ -11,7 +11,7 @@ from torch import nn
 from preimage.defaults import Settings
 from preimage.engine import Stage, optimize
 from preimage.models.networks import PaddedConv2d
-from preimage.objectives import L2Loss
+from preimage.objectives import L2Loss, jitter_crop
 from preimage.representations import ModuleCut
 from preimage.representations.affine import BORDER_LOW_PRECISION_BATCH, ConvGram, QuadraticL2, quadratic_loss
 from preimage.representations.cnn import low_precision
@@ -72,6 +72,26 @@ def test_quadratic_loss_is_the_l2_loss_through_the_convolution(kernel, stride, p
         torch.testing.assert_close(got, grad, rtol=1e-10, atol=1e-10)
     unbiased = _reference(conv, x) - conv.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(conv.gram(x.detach()), conv.adjoint(unbiased, size))
+
+
+def test_the_canvas_form_is_the_loss_of_the_jittered_crops() -> None:
+    """With offsets, the loss is that of jitter_crop's windows of the canvas and the gradient is
+    the canvas's (autograd through the crop), zero outside each window."""
+    conv = _conv(7, 2, (0, 1, 2, 0))
+    size = (29, 31)
+    canvas = torch.randn(3, 3, size[0] + 3, size[1] + 3, dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([[0, 3], [2, 1], [3, 0]])
+    crops = jitter_crop(canvas, offsets, size)
+    target = torch.randn_like(_reference(conv, crops.detach()))
+    loss = L2Loss(target)
+    quad = QuadraticL2(conv, target, loss.norm2, size)
+    want, want_grad = quad.value_and_grad(crops.detach(), weight=3.0)
+    (grad,) = torch.autograd.grad(crops, canvas, want_grad)
+    for _ in range(2):  # the second call reuses the padded buffer
+        value, got = quad.value_and_grad(canvas.detach(), weight=3.0, offsets=offsets)
+        torch.testing.assert_close(value, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got, grad, rtol=0, atol=0)
+    assert got.shape == canvas.shape and got[0, :, :, :3].abs().max() == 0
 
 
 @pytest.mark.parametrize("batch", [2, BORDER_LOW_PRECISION_BATCH])

@@ -334,11 +334,8 @@ def optimize_batch(
                 offsets = centre_off
             opt.zero_grad(set_to_none=True)
             if quadratic is not None:  # Φ never computed: the same loss and gradient from AᵀA (affine.py)
-                crop = jitter_crop(x, offsets, (H, W))
-                with torch.no_grad():
-                    e_loss, g_crop = quadratic.value_and_grad(crop.detach(), weight=settings.C)
-                crop.backward(g_crop)
-                del g_crop
+                with torch.no_grad():  # the jitter crop folded in: no copy of the windows either way
+                    e_loss, x.grad = quadratic.value_and_grad(x.detach(), weight=settings.C, offsets=offsets)
             else:  # the data term through Φ; the regularizers below in closed form
                 e_loss = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W), settings.C,
                                     compile_loss)

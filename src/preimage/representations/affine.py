@@ -168,16 +168,24 @@ class ConvGram:
         Ho, Wo = self.out_size(size)
         return Ho - 1 + Mh, Wo - 1 + Mw
 
-    def pad(self, x: Tensor, buffer: Tensor | None = None) -> Tensor:
+    def pad(self, x: Tensor, buffer: Tensor | None = None,
+            crops: tuple[list[list[int]], tuple[int, int]] | None = None) -> Tensor:
         """The images ``x`` zero-padded and cut to the ``s Hu x s Wu`` pixels that the valid
         outputs read, channels-last.  ``buffer``: the result of an earlier call with the same
-        shapes, refilled (its zero border is kept)."""
-        N, C, H, W = x.shape
+        shapes, refilled (its zero border is kept).  ``crops``: ``(offsets, (H, W))``, the
+        images are the ``H x W`` windows of ``x`` at per-element ``(row, column)`` offsets
+        (:func:`~preimage.objectives.jitter_crop`, without its copy)."""
+        N, C = x.shape[:2]
+        H, W = crops[1] if crops is not None else x.shape[-2:]
         s, (t, _b, lf, _r) = self.stride, self.padding
         Hu, Wu = self.phase_size((H, W))
         padded = buffer if buffer is not None else x.new_zeros(N, s * Hu, s * Wu, C).permute(0, 3, 1, 2)
         h, w = min(H, s * Hu - t), min(W, s * Wu - lf)
-        padded[:, :, t : t + h, lf : lf + w] = x[:, :, :h, :w]
+        if crops is None:
+            padded[:, :, t : t + h, lf : lf + w] = x[:, :, :h, :w]
+        else:
+            for n, (r, c) in enumerate(crops[0]):
+                padded[n, :, t : t + h, lf : lf + w] = x[n, :, r : r + h, c : c + w]
         return padded
 
     def phases(self, x: Tensor, buffer: Tensor | None = None) -> Tensor:
@@ -302,10 +310,15 @@ class QuadraticL2:
         self.norm2 = norm2.double()
         self._padded: Tensor | None = None  # the padded images: their zero border is written once
 
-    def value_and_grad(self, x: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, x: Tensor, weight: float = 1.0,
+                       offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``weight * loss`` per element and its gradient w.r.t. the images ``x`` (in ``x``'s dtype;
-        the gradient possibly a strided view)."""
-        self._padded = self.conv.pad(x.detach(), self._padded)
+        the gradient possibly a strided view).  With ``offsets``, ``x`` is the engine's canvas and
+        the images its jittered windows (:func:`~preimage.objectives.jitter_crop`); the gradient
+        is then the canvas's, zero outside each window: the crop's copy forward and backward
+        folded into the padding and into this write."""
+        crops = (offsets.tolist(), self.size) if offsets is not None else None
+        self._padded = self.conv.pad(x.detach(), self._padded, crops)
         u = self.conv.split(self._padded)
         d = self.conv.gram_phases(u, minus=self.r)  # AᵀA x - r: half the unnormalized loss's gradient
         # ||Ax + b - Φ0||² = <x, AᵀA x - r> - <x, r> + ||Φ0 - b||² (phases outside the image are 0)
@@ -314,7 +327,13 @@ class QuadraticL2:
         values = (dots[0] - dots[1]).double() + self.c0
         scale = weight / self.norm2.to(x.device)
         d.mul_((2 * scale).to(d.dtype).view(-1, 1, 1, 1))
-        return (values * scale).to(x.dtype), self.conv.image(d, self.size)
+        grad = self.conv.image(d, self.size)
+        if crops is not None:
+            H, W = self.size
+            canvas, grad = grad, x.new_zeros(x.shape)
+            for n, (r, c) in enumerate(crops[0]):
+                grad[n, :, r : r + H, c : c + W] = canvas[n]
+        return (values * scale).to(x.dtype), grad
 
 
 def enabled() -> bool:
