@@ -335,11 +335,18 @@ class _JitterCrop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        H, W = grad.shape[-2:]
-        full = grad.new_zeros(ctx.shape)  # type: ignore[attr-defined]
-        for n, (r, c) in enumerate(ctx.offsets):  # type: ignore[attr-defined]
-            full[n, :, r : r + H, c : c + W] = grad[n]
-        return full, None, None, None
+        return uncrop(grad, ctx.offsets, ctx.shape), None, None, None  # type: ignore[attr-defined]
+
+
+def uncrop(grad: Tensor, offsets: list[list[int]], shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The gradient of :func:`jitter_crop` w.r.t. its canvas of ``shape``: each element's
+    ``grad`` in its window of a zero canvas, one copy per element (for fp32 on the CPU
+    :func:`preimage.native.uncrop` does it in one pass)."""
+    H, W = grad.shape[-2:]
+    full = grad.new_zeros(shape)
+    for n, (r, c) in enumerate(offsets):
+        full[n, :, r : r + H, c : c + W] = grad[n]
+    return full
 
 
 class _GatherCrop(torch.autograd.Function):

@@ -196,7 +196,8 @@ class ModuleCut(Representation):
         return fast
 
     def affine(self) -> "ConvGram | None":
-        """Φ as ``A x + b`` (:class:`~preimage.representations.affine.ConvGram`, fp32) when the
+        """Φ as ``A x + b`` (:class:`~preimage.representations.affine.ConvGram`: fp32 weights,
+        ``AᵀA``'s convolutions in the model's precision) when the
         cut is a single zero-padded convolution of the image (a network's first layer), else
         None.  The form is checked against the model's own output on random images, so a model
         whose ``forward`` does anything else before that convolution is never mistaken for one."""
@@ -212,7 +213,8 @@ class ModuleCut(Representation):
         if self._divide:
             weight = weight / self.std.float().view(1, -1, 1, 1)
         bias = conv.bias.detach().float() if conv.bias is not None else weight.new_zeros(conv.out_channels)
-        gram = ConvGram(weight, bias, int(conv.stride[0]), tuple(int(p) for p in padding))  # type: ignore[arg-type]
+        gram = ConvGram(weight, bias, int(conv.stride[0]), tuple(int(p) for p in padding),  # type: ignore[arg-type]
+                        self.compute_dtype)
         g = torch.Generator().manual_seed(0)
         side = max(48, 2 * max(conv.kernel_size))
         tolerance = 1e-4 if self.compute_dtype == torch.float32 else 2e-2
