@@ -24,7 +24,7 @@ from torch import Tensor
 from . import fused
 from .allocator import keep_freed_memory
 from .defaults import Settings
-from .objectives import BoundedRange, TotalVariation, jitter_crop
+from .objectives import BoundedRange, TotalVariation, WindowGradient, jitter_crop
 from .optim import PreimageSGD
 from .representations.affine import quadratic_loss
 from .representations.base import Representation
@@ -225,21 +225,24 @@ def optimize(
 
 def _data_term(phi: Callable[[Tensor], Tensor], encode_crops: Callable[..., Tensor] | None, loss: Loss,
                value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None, x: Tensor, offsets: Tensor,
-               size: tuple[int, int], C: float, compiled: bool) -> Tensor:
-    """``C * loss(Φ(jitter(x)))`` per element, its gradient accumulated into ``x.grad``."""
+               size: tuple[int, int], C: float, compiled: bool, in_windows: bool) -> tuple[Tensor, WindowGradient | None]:
+    """``C * loss(Φ(jitter(x)))`` per element, its gradient accumulated into ``x.grad`` or, with
+    ``in_windows`` where the C crop applies, returned as a :class:`WindowGradient` (``x.grad``
+    untouched)."""
+    sink: list[WindowGradient] = []
     if encode_crops is not None:  # the crop fused with Φ's input conversion where it can be
-        code = encode_crops(x, offsets, size, native=compiled)
+        code = encode_crops(x, offsets, size, native=compiled, sink=sink if in_windows else None)
     else:
         code = phi(jitter_crop(x, offsets, size))
     if value_and_grad is None:  # any other callable: autograd
         e_loss = C * loss(code)
         e_loss.sum().backward()
-        return e_loss
+        return e_loss, (sink[0] if sink else None)
     with torch.no_grad():  # the loss's gradient in closed form, then Φ's backward
         e_loss, g_code = value_and_grad(code.detach(), weight=C, compiled=compiled)
     if code.requires_grad:
         code.backward(g_code)
-    return e_loss
+    return e_loss, (sink[0] if sink else None)
 
 
 def optimize_batch(
@@ -332,20 +335,29 @@ def optimize_batch(
                 offsets = torch.stack([torch.randint(0, T, (2,), generator=g) for g in gens])
             else:
                 offsets = centre_off
-            opt.zero_grad(set_to_none=True)
+            x.grad = None
+            window = None  # the data term's gradient left in the windows, for the fused step to read
             if quadratic is not None:  # Φ never computed: the same loss and gradient from AᵀA (affine.py)
                 with torch.no_grad():  # the jitter crop folded in: no copy of the windows either way
-                    e_loss, x.grad = quadratic.value_and_grad(x.detach(), weight=settings.C, offsets=offsets)
+                    e_loss, grad = quadratic.value_and_grad(x.detach(), weight=settings.C, offsets=offsets,
+                                                            window=compiled)
+                if isinstance(grad, WindowGradient):
+                    window = grad
+                else:
+                    x.grad = grad
             else:  # the data term through Φ; the regularizers below in closed form
-                e_loss = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W), settings.C,
-                                    compile_loss)
+                e_loss, window = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W), settings.C,
+                                            compile_loss, in_windows=compiled)
             with torch.no_grad():
-                if x.grad is None:  # a loss that does not depend on x (C = 0)
+                if window is None and x.grad is None:  # a loss that does not depend on x (C = 0)
                     x.grad = torch.zeros_like(x)
                 regs = None
                 if compiled:  # regularizers + Algorithm 1 + projection in one kernel (fused.py)
-                    regs = fused.step(x.detach(), x.grad, state["G"], state["mu"], opt.param_groups[0]["lr"], constants)
+                    regs = fused.step(x.detach(), window if window is not None else x.grad, state["G"], state["mu"],
+                                      opt.param_groups[0]["lr"], constants)
                     compiled = regs is not None  # None: compilation failed, eager from now on
+                if regs is None and window is not None:
+                    x.grad = window.canvas(x.shape)
                 if regs is None:
                     e_range, _ = bounded.value_and_grad(x, into=x.grad, weight=settings.lambda_alpha)
                     e_tv, _ = tv.value_and_grad(x, into=x.grad, weight=settings.lambda_tv)

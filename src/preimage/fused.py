@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from .objectives import WindowGradient
 
 Update = Callable[..., tuple[Tensor, Tensor]]
 
@@ -141,14 +142,18 @@ def _run(fn: Update, *args: object, **kwargs: object) -> tuple[Tensor, Tensor] |
         return None
 
 
-def step(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
+def step(x: Tensor, grad: Tensor | WindowGradient, G: Tensor, mu: Tensor, lr: float,
+         constants: dict[str, float]) -> tuple[Tensor, Tensor] | None:
     """:func:`fused_update` through the C kernel on the CPU (:func:`preimage.native.update`),
     else through the compiled kernel (see :func:`_run`); ``lr`` goes in as a tensor, so that a
-    new stage's rate does not recompile."""
+    new stage's rate does not recompile.  ``grad``: the data term's gradient, the canvas's or
+    a :class:`~preimage.objectives.WindowGradient` (which the C kernel reads where it lies)."""
     if x.device.type == "cpu":
         out = native.update(x, grad, G, mu, lr, **constants)
         if out is not None:
             return out
+    if isinstance(grad, WindowGradient):
+        grad = grad.canvas(x.shape)
     key = (lr, x.device)
     rate = _rates.get(key)
     if rate is None:  # a host-to-device copy per step otherwise (measurable on a GPU at batch 1)

@@ -8,6 +8,9 @@
  *   fused.squared_distance.
  * preimage_crop / preimage_uncrop: the jitter crop (eq. 7) with the network's input conversion
  *   (division by std, bf16, channels-last), and its gradient into the canvas.
+ * preimage_update_window / preimage_window_canvas: preimage_update reading the data term's gradient
+ *   where it lies, in the windows (window_t), with no canvas-sized gradient; and that gradient
+ *   written out, for the other paths.
  * preimage_dsift_normalize / _backward: DSIFT's descriptor normalization (plain arithmetic).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
@@ -28,6 +31,145 @@ static int omp_thread(void) { return 0; }
 static int omp_threads(void) { return 1; }
 #endif
 
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even, as torch; NaN stays a (quiet) NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7fc0u : r);
+}
+
+/* A gradient w.r.t. the jitter windows, read where it lies (native.py, window_update / window_canvas):
+ * the canvas gradient is zero outside each element's window, and at window pixel (i, j) of element n,
+ * channel c it is
+ *     v * scale[n] / div[c],   v = data[n sn + c sc + a sa + y sy + b sb + x sx],
+ *     (a, y) = divmod(i + top, s), (b, x) = divmod(j + left, s)   (zero where a >= A or b >= Bw),
+ * the multiplication and division each applied only where scale / div are given.  With s = 1 this is a
+ * plain (N, C, H, W) tensor of any strides (a convolution's input gradient); with s > 1 the phases of
+ * a strided first layer (representations/affine.py), read without reshuffling them into an image.
+ * desc: bf16, s, A, Bw, top, left, sn, sc, sa, sy, sb, sx, H, W (the window's size). */
+typedef struct {
+    const void *data;
+    const int64_t *offsets;
+    const float *div, *scale;
+    int64_t bf16, s, A, Bw, top, left, sn, sc, sa, sy, sb, sx, H, W;
+} window_t;
+
+static window_t window_of(const void *data, const int64_t *desc, const int64_t *offsets, const float *div,
+                          const float *scale) {
+    window_t g = {data, offsets, div, scale, desc[0], desc[1], desc[2], desc[3], desc[4], desc[5],
+                  desc[6], desc[7], desc[8], desc[9], desc[10], desc[11], desc[12], desc[13]};
+    return g;
+}
+
+/* canvas row rr of element n, channel c (Wc wide) into out */
+static void window_row(const window_t *g, int64_t n, int64_t c, int64_t rr, int64_t Wc, float *out) {
+    const int64_t i = rr - g->offsets[2 * n], c0 = g->offsets[2 * n + 1];
+    memset(out, 0, (size_t)Wc * sizeof(float));
+    if (i < 0 || i >= g->H) return;
+    const int64_t ii = i + g->top, a = ii / g->s, y = ii % g->s;
+    if (a >= g->A) return;
+    const float k = g->scale ? g->scale[n] : 1.0f, d = g->div ? g->div[c] : 1.0f;
+    const int64_t first = n * g->sn + c * g->sc + a * g->sa + y * g->sy;
+    float *o = out + c0;
+    for (int64_t x = 0; x < g->s; x++) {
+        /* window columns j = b s + x - left, 0 <= j < W, b < Bw */
+        int64_t b0 = 0, b1 = (g->W - 1 + g->left - x) / g->s + 1;
+        if (g->left > x) b0 = (g->left - x + g->s - 1) / g->s;
+        if (g->W - 1 + g->left - x < 0) b1 = 0;
+        if (b1 > g->Bw) b1 = g->Bw;
+        if (b0 >= b1) continue;
+        float *oj = o + b0 * g->s + x - g->left;
+        const int64_t os = g->s, is = g->sb, cnt = b1 - b0;
+        if (g->bf16) {
+            const uint16_t *src = (const uint16_t *)g->data + first + x * g->sx + b0 * is;
+            if (os == 1 && is == 1) {
+#pragma omp simd
+                for (int64_t q = 0; q < cnt; q++) oj[q] = bf16_to_f32(src[q]);
+            } else {
+                for (int64_t q = 0; q < cnt; q++) oj[q * os] = bf16_to_f32(src[q * is]);
+            }
+        } else {
+            const float *src = (const float *)g->data + first + x * g->sx + b0 * is;
+            if (os == 1 && is == 1) {
+                memcpy(oj, src, (size_t)cnt * sizeof(float));
+            } else {
+                for (int64_t q = 0; q < cnt; q++) oj[q * os] = src[q * is];
+            }
+        }
+    }
+    /* scale and divisor over the columns written (those beyond the image stay exactly zero) */
+    const int64_t span = g->W < g->Bw * g->s - g->left ? g->W : g->Bw * g->s - g->left;
+    if (g->scale) {
+#pragma omp simd
+        for (int64_t j = 0; j < span; j++) o[j] = o[j] * k;
+    }
+    if (g->div) {
+#pragma omp simd
+        for (int64_t j = 0; j < span; j++) o[j] = o[j] / d;
+    }
+}
+
+/* canvas row rr of element n, all C channels (Wc wide each, channel c at out + c ostride) into out */
+static void window_rows(const window_t *g, int64_t n, int64_t C, int64_t rr, int64_t Wc, float *out,
+                        int64_t ostride) {
+    const int64_t i = rr - g->offsets[2 * n], c0 = g->offsets[2 * n + 1], ii = i + g->top;
+    const int64_t W = g->W < g->Bw - g->left ? g->W : g->Bw - g->left;
+    /* colour channels interleaved (channels-last, one phase): each pixel's three values together */
+    if (C == 3 && g->s == 1 && g->sc == 1 && g->sb == 3 && i >= 0 && i < g->H && ii < g->A && W > 0) {
+        float *o0 = out, *o1 = out + ostride, *o2 = out + 2 * ostride;
+        for (int c = 0; c < 3; c++) {
+            float *o = c == 0 ? o0 : c == 1 ? o1 : o2;
+            memset(o, 0, (size_t)c0 * sizeof(float));
+            memset(o + c0 + W, 0, (size_t)(Wc - c0 - W) * sizeof(float));
+        }
+        o0 += c0, o1 += c0, o2 += c0;
+        const int64_t first = n * g->sn + ii * g->sa + g->left * 3;
+        if (g->bf16) {
+            const uint16_t *src = (const uint16_t *)g->data + first;
+            for (int64_t j = 0; j < W; j++) {
+                o0[j] = bf16_to_f32(src[3 * j]);
+                o1[j] = bf16_to_f32(src[3 * j + 1]);
+                o2[j] = bf16_to_f32(src[3 * j + 2]);
+            }
+        } else {
+            const float *src = (const float *)g->data + first;
+            for (int64_t j = 0; j < W; j++) {
+                o0[j] = src[3 * j];
+                o1[j] = src[3 * j + 1];
+                o2[j] = src[3 * j + 2];
+            }
+        }
+        if (g->scale) {
+            const float k = g->scale[n];
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                o0[j] = o0[j] * k;
+                o1[j] = o1[j] * k;
+                o2[j] = o2[j] * k;
+            }
+        }
+        if (g->div) {
+            const float d0 = g->div[0], d1 = g->div[1], d2 = g->div[2];
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                o0[j] = o0[j] / d0;
+                o1[j] = o1[j] / d1;
+                o2[j] = o2[j] / d2;
+            }
+        }
+        return;
+    }
+    for (int64_t c = 0; c < C; c++) window_row(g, n, c, rr, Wc, out + c * ostride);
+}
+
 /* one old row of the canvas, all channels, with its first and last columns repeated on either
  * side: differences across the image border are then exactly zero, as in the padded form */
 static void load_row(float *dst, const float *x, int64_t C, int64_t HW, int64_t W, int64_t stride) {
@@ -39,9 +181,9 @@ static void load_row(float *dst, const float *x, int64_t C, int64_t HW, int64_t 
     }
 }
 
-int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N, int64_t C, int64_t H,
-                     int64_t W, double alpha, double B, double B_plus, double V, double lambda_alpha,
-                     double lambda_tv, double rho, float lr, float *e_range, float *e_tv, int threads) {
+static int update(float *x, const float *grad, const window_t *win, float *G, float *mu, int64_t N, int64_t C,
+                  int64_t H, int64_t W, double alpha, double B, double B_plus, double V, double lambda_alpha,
+                  double lambda_tv, double rho, float lr, float *e_range, float *e_tv, int threads) {
     const int64_t HW = H * W, rows = N * H, stride = W + 2;
     const float inv_B2 = (float)(1.0 / (B * B));
     const float ra = (float)(lambda_alpha * alpha / (B * B * (double)HW));
@@ -72,10 +214,10 @@ int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N,
         if (start < end && end % H != 0 && end < rows)
             load_row(down_halo, x + (end / H) * C * HW + (end % H) * W, C, HW, W, stride);
 #pragma omp barrier
-        float *buf = malloc((size_t)(3 * C * stride + C * W + 3 * W) * sizeof(float));
+        float *buf = malloc((size_t)(3 * C * stride + (win ? 2 : 1) * C * W + 3 * W) * sizeof(float));
         if (buf && start < end) {
             float *prev = buf, *cur = buf + C * stride, *next = buf + 2 * C * stride;
-            float *xn = buf + 3 * C * stride, *s = xn + C * W, *p = s + W, *nrm = p + W;
+            float *xn = buf + 3 * C * stride, *s = xn + C * W, *p = s + W, *nrm = p + W, *gw = nrm + W;
             double *er = sums + (size_t)t * N * 2, *et = er + N;
             int have_prev = 0;
             for (int64_t r = start; r < end; r++) {
@@ -94,6 +236,7 @@ int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N,
                     else load_row(next, x + base + W, C, HW, W, stride);
                     down = next;
                 }
+                if (win) window_rows(win, n, C, h, W, gw, W);
                 /* N_alpha: s = ||x||^2 / B^2, p = s^(alpha/2 - 1) */
                 for (int64_t w = 0; w < W; w++) s[w] = 0.0f;
                 for (int64_t c = 0; c < C; c++) {
@@ -112,7 +255,7 @@ int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N,
                 }
                 for (int64_t c = 0; c < C; c++) {
                     const float *xc = cur + c * stride + 1, *uc = up + c * stride + 1, *dc = down + c * stride + 1;
-                    const float *gc = grad + base + c * HW;
+                    const float *gc = win ? gw + c * W : grad + base + c * HW;
                     float *Gc = G + base + c * HW, *mc = mu + base + c * HW, *xnc = xn + c * W;
 #pragma omp simd reduction(+ : acc_t)
                     for (int64_t w = 0; w < W; w++) {
@@ -171,19 +314,22 @@ int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N,
     return failed;
 }
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+int preimage_update(float *x, const float *grad, float *G, float *mu, int64_t N, int64_t C, int64_t H,
+                    int64_t W, double alpha, double B, double B_plus, double V, double lambda_alpha,
+                    double lambda_tv, double rho, float lr, float *e_range, float *e_tv, int threads) {
+    return update(x, grad, NULL, G, mu, N, C, H, W, alpha, B, B_plus, V, lambda_alpha, lambda_tv, rho, lr, e_range,
+                  e_tv, threads);
 }
 
-/* round to nearest even, as torch; NaN stays a (quiet) NaN */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(f != f ? 0x7fc0u : r);
+/* preimage_update with the data term's gradient given as a window_t (desc as window_of reads it) */
+int preimage_update_window(float *x, const void *data, const int64_t *desc, const int64_t *offsets,
+                           const float *div, const float *scale, float *G, float *mu, int64_t N, int64_t C,
+                           int64_t H, int64_t W, double alpha, double B, double B_plus, double V,
+                           double lambda_alpha, double lambda_tv, double rho, float lr, float *e_range,
+                           float *e_tv, int threads) {
+    const window_t win = window_of(data, desc, offsets, div, scale);
+    return update(x, NULL, &win, G, mu, N, C, H, W, alpha, B, B_plus, V, lambda_alpha, lambda_tv, rho, lr,
+                  e_range, e_tv, threads);
 }
 
 #define BLOCK 4096
@@ -302,77 +448,30 @@ int preimage_crop(const float *canvas, const int64_t *offsets, const float *div,
     return failed;
 }
 
-/* preimage_uncrop: the gradient of preimage_crop.  out (N, C, Hc, Wc) fp32, contiguous, becomes
- * grad / div inside each element's window and zero elsewhere; grad (N, C, H, W), fp32 or bf16,
- * has any strides (in elements: sn, sc, sh, sw), e.g. a view into a padded tensor.  Threads share
- * the canvas rows (n, row), all channels of a row together. */
-int preimage_uncrop(const void *grad, const int64_t *offsets, const float *div, float *out, int64_t N, int64_t C,
-                    int64_t Hc, int64_t Wc, int64_t H, int64_t W, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
-                    int bf16, int threads) {
+/* preimage_window_canvas: a window_t's canvas gradient, written out: out (N, C, Hc, Wc) fp32, contiguous.
+ * Threads share the canvas rows (n, row), all channels of a row together. */
+int preimage_window_canvas(const void *data, const int64_t *desc, const int64_t *offsets, const float *div,
+                           const float *scale, float *out, int64_t N, int64_t C, int64_t Hc, int64_t Wc,
+                           int threads) {
+    const window_t win = window_of(data, desc, offsets, div, scale);
     const int64_t rows = N * Hc;
     if (threads < 1) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t q = 0; q < rows; q++) {
-        const int64_t n = q / Hc, rr = q % Hc, r0 = offsets[2 * n], c0 = offsets[2 * n + 1], i = rr - r0;
-        if (!div && C == 3 && sc == 1 && sw == 3 && i >= 0 && i < H) { /* channels-last colour */
-            float *o0 = out + (n * 3 * Hc + rr) * Wc, *o1 = o0 + Hc * Wc, *o2 = o1 + Hc * Wc;
-            for (int c = 0; c < 3; c++) {
-                float *o = c == 0 ? o0 : c == 1 ? o1 : o2;
-                memset(o, 0, (size_t)c0 * sizeof(float));
-                memset(o + c0 + W, 0, (size_t)(Wc - c0 - W) * sizeof(float));
-            }
-            o0 += c0, o1 += c0, o2 += c0;
-            if (bf16) {
-                const uint16_t *g = (const uint16_t *)grad + n * sn + i * sh;
-                for (int64_t j = 0; j < W; j++) {
-                    o0[j] = bf16_to_f32(g[3 * j]);
-                    o1[j] = bf16_to_f32(g[3 * j + 1]);
-                    o2[j] = bf16_to_f32(g[3 * j + 2]);
-                }
-            } else {
-                const float *g = (const float *)grad + n * sn + i * sh;
-                for (int64_t j = 0; j < W; j++) {
-                    o0[j] = g[3 * j];
-                    o1[j] = g[3 * j + 1];
-                    o2[j] = g[3 * j + 2];
-                }
-            }
-            continue;
-        }
-        for (int64_t c = 0; c < C; c++) {
-            float *o = out + ((n * C + c) * Hc + rr) * Wc;
-            if (i < 0 || i >= H) {
-                memset(o, 0, (size_t)Wc * sizeof(float));
-                continue;
-            }
-            memset(o, 0, (size_t)c0 * sizeof(float));
-            memset(o + c0 + W, 0, (size_t)(Wc - c0 - W) * sizeof(float));
-            const int64_t first = n * sn + c * sc + i * sh;
-            float *oc = o + c0;
-            const float d = div ? div[c] : 1.0f;
-            if (bf16) {
-                const uint16_t *g = (const uint16_t *)grad + first;
-                if (sw == 1) {
-#pragma omp simd
-                    for (int64_t j = 0; j < W; j++) oc[j] = bf16_to_f32(g[j]);
-                } else {
-                    for (int64_t j = 0; j < W; j++) oc[j] = bf16_to_f32(g[j * sw]);
-                }
-            } else {
-                const float *g = (const float *)grad + first;
-                if (sw == 1) {
-                    memcpy(oc, g, (size_t)W * sizeof(float));
-                } else {
-                    for (int64_t j = 0; j < W; j++) oc[j] = g[j * sw];
-                }
-            }
-            if (div) {
-#pragma omp simd
-                for (int64_t j = 0; j < W; j++) oc[j] = oc[j] / d;
-            }
-        }
+        const int64_t n = q / Hc, rr = q % Hc;
+        window_rows(&win, n, C, rr, Wc, out + (n * C * Hc + rr) * Wc, Hc * Wc);
     }
     return 0;
+}
+
+/* preimage_uncrop: the gradient of preimage_crop.  out (N, C, Hc, Wc) fp32, contiguous, becomes
+ * grad / div inside each element's window and zero elsewhere; grad (N, C, H, W), fp32 or bf16,
+ * has any strides (in elements: sn, sc, sh, sw), e.g. a view into a padded tensor. */
+int preimage_uncrop(const void *grad, const int64_t *offsets, const float *div, float *out, int64_t N, int64_t C,
+                    int64_t Hc, int64_t Wc, int64_t H, int64_t W, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                    int bf16, int threads) {
+    const int64_t desc[14] = {bf16, 1, H, W, 0, 0, sn, sc, sh, 0, sw, 0, H, W};
+    return preimage_window_canvas(grad, desc, offsets, div, NULL, out, N, C, Hc, Wc, threads);
 }
 
 /* DSIFT's descriptor normalization in plain arithmetic (representations/dsift.py, _normalize and

@@ -48,6 +48,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -141,12 +142,15 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
             getattr(lib, name).argtypes = [p, p, p, p, p, i64, i64, i32]
         lib.preimage_crop.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32, i32]
         lib.preimage_uncrop.argtypes = [p, p, p, p, *[i64] * 10, i32, i32]
+        lib.preimage_update_window.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, f64, f64, f64, f64, f64, f64,
+                                               f64, f32, p, p, i32]
+        lib.preimage_window_canvas.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32]
         lib.preimage_maxpool.argtypes = [p, p, p, *[i64] * 12, i32, i32, i32, i32]
         lib.preimage_maxpool_backward.argtypes = [p, p, p, *[i64] * 12, i32, i32, i32]
         lib.preimage_dsift_normalize.argtypes = [p, i64, i64, i64, p, i64, i64, f32, f32, f32, i32]
         lib.preimage_dsift_normalize_backward.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, f32, f32,
                                                           f32, i32]
-        for name in ("preimage_update", "preimage_l2_f32", "preimage_l2_bf16", "preimage_crop", "preimage_uncrop",
+        for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32", "preimage_l2_bf16", "preimage_crop", "preimage_uncrop",
                      "preimage_maxpool", "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
@@ -165,25 +169,84 @@ def _cpu_dense(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def update(x: Tensor, grad: Tensor, G: Tensor, mu: Tensor, lr: float, *, alpha: float, B: float, B_plus: float,
-           V: float, lambda_alpha: float, lambda_tv: float, rho: float) -> tuple[Tensor, Tensor] | None:
+def _window(window: Any, shape: tuple[int, ...]) -> tuple[Tensor, ...] | None:
+    """The C arguments of a :class:`~preimage.objectives.WindowGradient` for a canvas of
+    ``shape`` ``(N, C, Hc, Wc)`` (kept referenced by the caller for the call): ``values``, the
+    descriptor, offsets, divisor, scale; None where the kernels do not apply (values not fp32 or
+    bf16 on the CPU, a divisor or scale not fp32, windows beyond the canvas, no library)."""
+    v = window.values
+    if v.dim() != 6 or v.dtype not in (torch.float32, torch.bfloat16) or v.device.type != "cpu" or len(shape) != 4:
+        return None
+    N, C, A, s, Bw, s2 = v.shape
+    (H, W), (top, left) = window.size, window.origin
+    if (N, C) != tuple(shape[:2]) or s2 != s or s < 1 or min(top, left) < 0:
+        return None
+    extra = [t for t in (window.divisor, window.scale) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in extra):
+        return None
+    if (window.divisor is not None and window.divisor.numel() != C) or (window.scale is not None
+                                                                        and window.scale.numel() != N):
+        return None
+    offsets = window.offsets.to(torch.int64).contiguous()
+    if offsets.shape != (N, 2) or library(quiet=True) is None:
+        return None
+    pairs = offsets.tolist()
+    if pairs:
+        rows, cols = [r for r, _ in pairs], [c for _, c in pairs]
+        if min(rows + cols) < 0 or max(rows) + H > shape[2] or max(cols) + W > shape[3]:
+            return None
+    sn, sc, sa, sy, sb, sx = v.stride()
+    desc = torch.tensor([int(v.dtype == torch.bfloat16), s, A, Bw, top, left, sn, sc, sa, sy, sb, sx, H, W],
+                        dtype=torch.int64)
+    div = window.divisor.contiguous() if window.divisor is not None else None
+    scale = window.scale.contiguous() if window.scale is not None else None
+    return v, desc, offsets, div, scale  # type: ignore[return-value]
+
+
+def _pointers(args: tuple[Tensor | None, ...]) -> list[int | None]:
+    return [None if t is None else t.data_ptr() for t in args]
+
+
+def window_canvas(window: Any, shape: tuple[int, ...]) -> Tensor | None:
+    """The canvas gradient of a :class:`~preimage.objectives.WindowGradient`, a new fp32
+    ``shape`` tensor, in one pass; None where the kernels do not apply (see :func:`_window`)."""
+    args = _window(window, shape)
+    if args is None:
+        return None
+    out = torch.empty(shape)
+    library(quiet=True).preimage_window_canvas(*_pointers(args), out.data_ptr(), *shape,  # type: ignore[union-attr]
+                                               torch.get_num_threads())
+    return out
+
+
+def update(x: Tensor, grad: Tensor | Any, G: Tensor, mu: Tensor, lr: float, *, alpha: float, B: float,
+           B_plus: float, V: float, lambda_alpha: float, lambda_tv: float, rho: float) -> tuple[Tensor, Tensor] | None:
     """:func:`preimage.fused.fused_update` (beta = 2) in one pass: updates ``x``, ``G``, ``mu``
     in place and returns ``(N_alpha, TV^2)`` per element before the step; None where the
-    kernels do not apply (not fp32, not contiguous, not on the CPU, no library)."""
+    kernels do not apply (not fp32, not contiguous, not on the CPU, no library).  ``grad``, the
+    data term's gradient, is the canvas's or a :class:`~preimage.objectives.WindowGradient`,
+    read in its windows (the same arithmetic, bit for bit, as its :meth:`canvas`)."""
+    window = None if isinstance(grad, Tensor) else grad
     if x.dim() != 4 or x.dtype != torch.float32 or not all(t.dtype == torch.float32 and t.shape == x.shape
-                                                          for t in (grad, G, mu)):
+                                                          for t in (G, mu, *([grad] if window is None else []))):
         return None
-    if not _cpu_dense(x, grad, G, mu):
+    if not _cpu_dense(x, G, mu, *([grad] if window is None else [])):
         return None
     lib = library()
     if lib is None:
         return None
+    args = _window(window, tuple(x.shape)) if window is not None else None
+    if window is not None and args is None:
+        return None
     N, C, H, W = x.shape
     e_range = torch.empty(N)
     e_tv = torch.empty(N)
-    status = lib.preimage_update(x.data_ptr(), grad.data_ptr(), G.data_ptr(), mu.data_ptr(), N, C, H, W,
-                                 alpha, B, B_plus, V, lambda_alpha, lambda_tv, rho, float(lr),
-                                 e_range.data_ptr(), e_tv.data_ptr(), torch.get_num_threads())
+    common = (N, C, H, W, alpha, B, B_plus, V, lambda_alpha, lambda_tv, rho, float(lr), e_range.data_ptr(),
+              e_tv.data_ptr(), torch.get_num_threads())
+    if args is not None:
+        status = lib.preimage_update_window(x.data_ptr(), *_pointers(args), G.data_ptr(), mu.data_ptr(), *common)
+    else:
+        status = lib.preimage_update(x.data_ptr(), grad.data_ptr(), G.data_ptr(), mu.data_ptr(), *common)
     if status != 0:
         raise MemoryError("out of memory in the engine's update kernel")
     return e_range, e_tv

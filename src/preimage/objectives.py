@@ -338,6 +338,54 @@ class _JitterCrop(torch.autograd.Function):
         return uncrop(grad, ctx.offsets, ctx.shape), None, None, None  # type: ignore[attr-defined]
 
 
+class WindowGradient:
+    """The data term's gradient w.r.t. the engine's canvas, left where it lies: zero outside each
+    element's jitter window (eq. 7) and, at window pixel ``(i, j)``, the image gradient ``values``
+    at pixel ``(i + top, j + left)``, times ``scale[n]``, divided by ``divisor[c]``.
+
+    ``values`` is ``(N, C, A, s, B, s)`` with any strides: pixel ``(a s + y, b s + x)`` of an
+    image ``A s x B s`` (zero beyond it); ``s = 1`` for a plain ``(N, C, H, W)`` gradient, such as
+    a network's input gradient (:meth:`of_image`), ``s > 1`` for the phases of a strided first
+    layer (:class:`~preimage.representations.affine.QuadraticL2`), which need no reshuffling.  The
+    engine's update kernel reads it directly (:func:`preimage.native.update`): the canvas-sized
+    gradient, written and read again, and the phases' reshuffle are gone (SqueezeNet conv1 at
+    batch 16: 2.5 ms per step).  :meth:`canvas` writes it out for every other path.
+    """
+
+    def __init__(self, values: Tensor, offsets: Tensor, size: tuple[int, int], origin: tuple[int, int] = (0, 0),
+                 divisor: Tensor | None = None, scale: Tensor | None = None) -> None:
+        self.values, self.offsets, self.size, self.origin = values, offsets, size, origin
+        self.divisor, self.scale = divisor, scale
+
+    @classmethod
+    def of_image(cls, grad: Tensor, offsets: Tensor, divisor: Tensor | None = None) -> "WindowGradient":
+        """The gradient ``grad / divisor`` ``(N, C, H, W)`` of the windows at ``offsets``."""
+        return cls(grad[:, :, :, None, :, None], offsets, (grad.shape[-2], grad.shape[-1]), divisor=divisor)
+
+    def image(self) -> Tensor:
+        """The windows' gradient, ``(N, C, H, W)``: ``values`` as an image, cut at the origin,
+        scaled and divided (in fp32 for bf16 values, else in their dtype)."""
+        N, C, A, s, B, _ = self.values.shape
+        v = self.values if self.values.dtype in (torch.float32, torch.float64) else self.values.float()
+        img = v.reshape(N, C, A * s, B * s)
+        (top, left), (H, W) = self.origin, self.size
+        if top + H <= A * s and left + W <= B * s:
+            img = img[:, :, top : top + H, left : left + W]
+        else:
+            img = F.pad(img, (-left, left + W - B * s, -top, top + H - A * s))
+        if self.scale is not None:
+            img = img * self.scale.to(img.dtype).view(-1, 1, 1, 1)
+        if self.divisor is not None:
+            img = img / self.divisor.to(img.dtype).view(1, -1, 1, 1)
+        return img
+
+    def canvas(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """The canvas gradient ``shape`` written out: in one C pass where it applies
+        (:func:`preimage.native.window_canvas`), else :func:`uncrop` of :meth:`image`."""
+        out = native.window_canvas(self, tuple(shape))
+        return out if out is not None else uncrop(self.image(), self.offsets.tolist(), shape)
+
+
 def uncrop(grad: Tensor, offsets: list[list[int]], shape: torch.Size | tuple[int, ...]) -> Tensor:
     """The gradient of :func:`jitter_crop` w.r.t. its canvas of ``shape``: each element's
     ``grad`` in its window of a zero canvas, one copy per element (for fp32 on the CPU
@@ -411,13 +459,35 @@ class _ConvertedCrop(torch.autograd.Function):
         return native.uncrop(grad, ctx.offsets, ctx.shape, ctx.divisor), None, None, None, None, None
 
 
+class _WindowCrop(torch.autograd.Function):
+    """:class:`_ConvertedCrop` whose backward pass hands the crop's gradient to ``sink`` as a
+    :class:`WindowGradient` and gives the canvas none: the engine's update kernel reads it in
+    the windows (no canvas-sized gradient written and read again)."""
+
+    @staticmethod
+    def forward(ctx, canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,  # type: ignore[override]
+                dtype: torch.dtype, channels_last: bool, sink: list) -> Tensor:
+        ctx.offsets, ctx.divisor, ctx.sink = offsets, divisor, sink
+        return native.crop_kernel(canvas, offsets, size, divisor, dtype, channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        ctx.sink.append(WindowGradient.of_image(grad, ctx.offsets, ctx.divisor))
+        return None, None, None, None, None, None, None
+
+
 def converted_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None = None,
-                   dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Tensor | None:
+                   dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                   sink: list | None = None) -> Tensor | None:
     """``(jitter_crop(canvas, offsets, size) / divisor).to(dtype, channels_last)`` in one C pass
     each way, bit for bit (differentiable w.r.t. ``canvas``); None where the C kernels do not
     apply (not on the CPU, not fp32 in, not available: :func:`preimage.native.crop_applies`).
     Where ATen makes one copy per element, then a pass per conversion each way: AlexNet conv1's
-    input in bf16 at batch 16, forward + backward 4.0 against ~0.7 ms per step."""
+    input in bf16 at batch 16, forward + backward 4.0 against ~0.7 ms per step.  ``sink``: a
+    list that the backward pass appends the canvas's gradient to, as a :class:`WindowGradient`,
+    instead of accumulating it into ``canvas.grad``."""
     if not native.crop_applies(canvas, offsets, size, divisor, dtype):
         return None
+    if sink is not None:
+        return _WindowCrop.apply(canvas, offsets, size, divisor, dtype, channels_last, sink)
     return _ConvertedCrop.apply(canvas, offsets, size, divisor, dtype, channels_last)

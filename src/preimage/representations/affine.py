@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import native
-from ..objectives import L2Loss, uncrop
+from ..objectives import L2Loss, WindowGradient
 from .input_conv import phase_kernel
 
 
@@ -312,13 +311,15 @@ class QuadraticL2:
         self.norm2 = norm2.double()
         self._padded: Tensor | None = None  # the padded images: their zero border is written once
 
-    def value_and_grad(self, x: Tensor, weight: float = 1.0,
-                       offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, x: Tensor, weight: float = 1.0, offsets: Tensor | None = None,
+                       window: bool = False) -> tuple[Tensor, Tensor | WindowGradient]:
         """``weight * loss`` per element and its gradient w.r.t. the images ``x`` (in ``x``'s dtype;
         the gradient possibly a strided view).  With ``offsets``, ``x`` is the engine's canvas and
         the images its jittered windows (:func:`~preimage.objectives.jitter_crop`); the gradient
         is then the canvas's, zero outside each window: the crop's copy forward and backward
-        folded into the padding and into this write."""
+        folded into the padding and into this write.  ``window``: return that gradient as a
+        :class:`~preimage.objectives.WindowGradient` of the phases instead, for the engine's
+        update kernel to read where it lies (no reshuffle of the phases, no canvas written)."""
         crops = (offsets.tolist(), self.size) if offsets is not None else None
         self._padded = self.conv.pad(x.detach(), self._padded, crops)
         u = self.conv.split(self._padded)
@@ -328,12 +329,14 @@ class QuadraticL2:
         dots = [torch.bmm(x_row, col.transpose(1, 2)).view(-1) for col in (d_col, r_col)]  # no product tensor
         values = (dots[0] - dots[1]).double() + self.c0
         scale = weight / self.norm2.to(x.device)
-        d.mul_((2 * scale).to(d.dtype).view(-1, 1, 1, 1))
-        grad = self.conv.image(d, self.size)
-        if crops is not None:  # the crop's backward pass: zero outside each window
-            fast = grad.dtype == torch.float32 and grad.device.type == "cpu" and native.library(quiet=True) is not None
-            grad = native.uncrop(grad, offsets, x.shape, None) if fast else uncrop(grad, crops[0], x.shape)
-        return (values * scale).to(x.dtype), grad
+        s, (t, _b, lf, _r) = self.conv.stride, self.conv.padding
+        N, Cu, Hu, Wu = d.shape
+        phases = d.view(N, Cu // (s * s), s, s, Hu, Wu).permute(0, 1, 4, 2, 5, 3)  # pixel (a s + y, b s + x)
+        grad = WindowGradient(phases, offsets if offsets is not None else torch.zeros(N, 2, dtype=torch.long),
+                              self.size, (t, lf), scale=(2 * scale).to(d.dtype))
+        if window and offsets is not None:
+            return (values * scale).to(x.dtype), grad
+        return (values * scale).to(x.dtype), grad.canvas(x.shape) if offsets is not None else grad.image()
 
 
 def enabled() -> bool:

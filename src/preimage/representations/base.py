@@ -94,14 +94,17 @@ class Representation(nn.Module):
         Targets, and the errors reported, are always computed with ``self``."""
         return self
 
-    def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False) -> Tensor:
+    def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False,
+                     sink: list | None = None) -> Tensor:
         """``Φ(jitter(x))``, eqs. (1) and (7): the code of each element's ``size`` window of
         ``canvas`` ``(N, C, H + T - 1, W + T - 1)`` at its ``offsets`` ``(N, 2)`` (row, column),
         differentiable w.r.t. ``canvas``.  ``native``: cut the windows in C on the CPU, one pass
         each way (:func:`~preimage.objectives.converted_crop`), where ATen copies each element
         on its own; a network fuses its input conversion into that pass
-        (:meth:`ModuleCut.encode_crops`)."""
-        crop = converted_crop(canvas, offsets, size) if native else None
+        (:meth:`ModuleCut.encode_crops`).  ``sink`` (with ``native``): where the C crop applies,
+        the backward pass appends the canvas's gradient to it as a
+        :class:`~preimage.objectives.WindowGradient` instead of writing ``canvas.grad``."""
+        crop = converted_crop(canvas, offsets, size, sink=sink) if native else None
         return self(crop if crop is not None else jitter_crop(canvas, offsets, size))
 
     def check_input(self, x: Tensor) -> None:

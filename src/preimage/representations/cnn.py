@@ -153,7 +153,8 @@ class ModuleCut(Representation):
             x = x.clone()
         return self._run(x)
 
-    def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False) -> Tensor:
+    def encode_crops(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int], native: bool = False,
+                     sink: list | None = None) -> Tensor:
         """``Φ(jitter(x))`` (see :meth:`Representation.encode_crops`).  With ``native``, on the
         CPU, the crop, the division by ``std`` and the conversion to the model's dtype and
         layout are one C pass (:func:`~preimage.objectives.converted_crop`; bit for bit what
@@ -163,7 +164,7 @@ class ModuleCut(Representation):
             self.check_input(canvas)
             divisor = self.std.float() if self._divide else None
             crop = converted_crop(canvas, offsets, size, divisor, self.compute_dtype,
-                                  self.channels_last and canvas.dim() == 4)
+                                  self.channels_last and canvas.dim() == 4, sink)
             if crop is not None:
                 return self._run(crop)
         return super().encode_crops(canvas, offsets, size)
