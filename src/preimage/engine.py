@@ -11,6 +11,9 @@ Data flow per iteration::
 
 An affine Φ (a cut at a network's first convolution) takes the loss and its gradient from
 ``AᵀA`` applied to the crop instead (:mod:`preimage.representations.affine`): Φ is not run.
+With the fused C step, the data term's gradient reaches Algorithm 1 as a
+:class:`~preimage.objectives.WindowGradient`, read in the jitter windows where it lies; no
+canvas-sized gradient is written.
 """
 
 from __future__ import annotations

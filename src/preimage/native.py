@@ -9,6 +9,8 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
   the projection onto the B+ ball (eq. 6):
   reads ``x``, the data term's gradient, ``G`` and ``mu`` once and writes ``x``, ``G``, ``mu``
   once, row by row (the TV stencil reads the rows above and below from a copy of the old rows);
+  the gradient either the canvas's or a :class:`~preimage.objectives.WindowGradient`, read in
+  the windows where it lies (:func:`window_canvas` writes one out);
 * :func:`squared_distance` -- the L2 loss (eq. 2) and its gradient, in fp32 or bf16 (rounded to
   nearest even, as torch), reading the code and the target once;
 * :func:`crop` / :func:`uncrop` -- the jitter crop (eq. 7) fused with a network's input
