@@ -35,6 +35,15 @@ def photo(name: str = "astronaut", size: int = 64) -> torch.Tensor:
 
 
 @pytest.fixture
+def threads(request: pytest.FixtureRequest):
+    """``torch.set_num_threads(request.param)`` for one test (parametrize it ``indirect=True``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def imagenet_dir() -> Path:
     if not IMAGENET.is_dir():
         pytest.skip(f"shared ImageNet sample not found at {IMAGENET}")

@@ -28,14 +28,6 @@ needs_library = pytest.mark.skipif(native.library(quiet=True) is None,
                                    reason=f"the C kernels cannot be built here: {native.failure()}")
 
 
-@pytest.fixture
-def threads(request: pytest.FixtureRequest):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_library
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("shape", [(2, 3, 17, 21), (1, 3, 1, 9), (3, 1, 8, 1), (4, 3, 5, 6), (1, 3, 40, 33)])

@@ -18,18 +18,7 @@ from preimage.objectives import L2Loss, WindowGradient, uncrop
 from preimage.representations.base import Geometry
 from preimage.representations.cnn import ModuleCut, low_precision
 
-CONSTANTS = dict(alpha=6.0, B=80.0, B_plus=160.0, V=80 / 6.5, lambda_alpha=1.0, lambda_tv=1.0, rho=0.9)
-
-needs_library = pytest.mark.skipif(native.library(quiet=True) is None,
-                                   reason=f"the C kernels cannot be built here: {native.failure()}")
-
-
-@pytest.fixture
-def threads(request: pytest.FixtureRequest):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+from .test_native import CONSTANTS, needs_library
 
 
 def _phases(N: int, C: int, A: int, s: int, B: int, dtype: torch.dtype, layout: str, g: torch.Generator) -> torch.Tensor:

@@ -229,10 +229,11 @@ def update(x: Tensor, grad: Tensor | Any, G: Tensor, mu: Tensor, lr: float, *, a
     data term's gradient, is the canvas's or a :class:`~preimage.objectives.WindowGradient`,
     read in its windows (the same arithmetic, bit for bit, as its :meth:`canvas`)."""
     window = None if isinstance(grad, Tensor) else grad
+    dense = [G, mu] if window is not None else [grad, G, mu]
     if x.dim() != 4 or x.dtype != torch.float32 or not all(t.dtype == torch.float32 and t.shape == x.shape
-                                                          for t in (G, mu, *([grad] if window is None else []))):
+                                                          for t in dense):
         return None
-    if not _cpu_dense(x, G, mu, *([grad] if window is None else [])):
+    if not _cpu_dense(x, *dense):
         return None
     lib = library()
     if lib is None:

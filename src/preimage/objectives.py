@@ -446,34 +446,22 @@ def jitter_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int]) -> Tenso
 class _ConvertedCrop(torch.autograd.Function):
     """:func:`jitter_crop`, a division by per-channel ``divisor`` and a conversion to ``dtype``
     and layout, as one C pass forward and one backward (:func:`preimage.native.crop` /
-    :func:`~preimage.native.uncrop`)."""
+    :func:`~preimage.native.uncrop`).  With a ``sink`` list, the backward pass appends the
+    crop's gradient to it as a :class:`WindowGradient` and gives the canvas none: the engine's
+    update kernel reads it in the windows (no canvas-sized gradient written and read again)."""
 
     @staticmethod
     def forward(ctx, canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,  # type: ignore[override]
-                dtype: torch.dtype, channels_last: bool) -> Tensor:
-        ctx.offsets, ctx.shape, ctx.divisor = offsets, tuple(canvas.shape), divisor
+                dtype: torch.dtype, channels_last: bool, sink: list | None) -> Tensor:
+        ctx.offsets, ctx.shape, ctx.divisor, ctx.sink = offsets, tuple(canvas.shape), divisor, sink
         return native.crop_kernel(canvas, offsets, size, divisor, dtype, channels_last)  # checked by the caller
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return native.uncrop(grad, ctx.offsets, ctx.shape, ctx.divisor), None, None, None, None, None
-
-
-class _WindowCrop(torch.autograd.Function):
-    """:class:`_ConvertedCrop` whose backward pass hands the crop's gradient to ``sink`` as a
-    :class:`WindowGradient` and gives the canvas none: the engine's update kernel reads it in
-    the windows (no canvas-sized gradient written and read again)."""
-
-    @staticmethod
-    def forward(ctx, canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None,  # type: ignore[override]
-                dtype: torch.dtype, channels_last: bool, sink: list) -> Tensor:
-        ctx.offsets, ctx.divisor, ctx.sink = offsets, divisor, sink
-        return native.crop_kernel(canvas, offsets, size, divisor, dtype, channels_last)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, ...]:  # type: ignore[override]
-        ctx.sink.append(WindowGradient.of_image(grad, ctx.offsets, ctx.divisor))
-        return None, None, None, None, None, None, None
+        if ctx.sink is not None:
+            ctx.sink.append(WindowGradient.of_image(grad, ctx.offsets, ctx.divisor))
+            return (None,) * 7
+        return native.uncrop(grad, ctx.offsets, ctx.shape, ctx.divisor), None, None, None, None, None, None
 
 
 def converted_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divisor: Tensor | None = None,
@@ -488,6 +476,4 @@ def converted_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int], divis
     instead of accumulating it into ``canvas.grad``."""
     if not native.crop_applies(canvas, offsets, size, divisor, dtype):
         return None
-    if sink is not None:
-        return _WindowCrop.apply(canvas, offsets, size, divisor, dtype, channels_last, sink)
-    return _ConvertedCrop.apply(canvas, offsets, size, divisor, dtype, channels_last)
+    return _ConvertedCrop.apply(canvas, offsets, size, divisor, dtype, channels_last, sink)
