@@ -200,3 +200,59 @@ def test_engine_writes_the_window_out_when_the_fused_step_fails(monkeypatch: pyt
     failed = optimize(cut, loss, (40, 40), [0], PAPER, [Stage(5)], compile=True)
     assert not failed.compiled
     torch.testing.assert_close(failed.x, plain.x, rtol=0, atol=1e-3)
+
+
+class _TwoReaders(_Strided):
+    """The image read by the first convolution and by a second path (its mean), before the cut."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.conv1(x)) * (1 + x.mean() / 100))
+
+
+def _handed_off_and_not(cut: ModuleCut, monkeypatch: pytest.MonkeyPatch) -> tuple[int, object, object]:
+    """The engine with the first convolution putting its phases in the crop's sink (counted), and
+    with no crop carrying a CropWindow (the gradient shuffled into an image, then the crop's)."""
+    from preimage.models import fusion
+    from preimage.objectives import CropWindow
+    from preimage.representations import input_conv
+
+    x0 = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3)) * 50
+    with torch.no_grad():
+        loss = L2Loss(cut(x0))
+    stages = [Stage(4), Stage(2, lr_factor=0.1, jitter=False)]
+    settings = dataclasses.replace(PAPER, jitter=3)
+    puts = []
+    real_put = CropWindow.put
+    monkeypatch.setattr(CropWindow, "put", lambda self, *a: (puts.append(a[0].shape), real_put(self, *a)))
+    handed = optimize(cut, loss, (40, 40), [0, 1], settings, stages, compile=True)
+    monkeypatch.setattr(input_conv, "crop_window", lambda t: None)
+    monkeypatch.setattr(fusion, "crop_window", lambda t: None)
+    shuffled = optimize(cut, loss, (40, 40), [0, 1], settings, stages, compile=True)
+    return len(puts), handed, shuffled
+
+
+@needs_library
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model, layer, stride", [(_Strided, "conv2", 2), (_Strided, "conv2", 4), (_Strided, "conv1", 2),
+                                                  (_Strided, "conv2", 1), (_TwoReaders, "conv2", 2)],
+                         ids=["conv-relu-s2", "conv-relu-s4", "conv-s2", "conv-relu-s1", "two-readers"])
+def test_the_first_convolution_hands_its_phases_to_the_update(precision: str, model: type, layer: str, stride: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image-facing convolution's input gradient goes to the update as its phases (ordered
+    (c, y, x), never shuffled into an image) through the crop's CropWindow, every step, whether
+    the convolution is fused with its ReLU or not (a cut at it, AᵀA off) and at every stride;
+    the engine lands where the shuffled image gradient takes it: bit for bit, or, where a
+    second reader's gradient is added to the phases (in fp32 instead of the model's dtype),
+    within rounding."""
+    monkeypatch.setenv("PREIMAGE_QUADRATIC", "0")
+    torch.manual_seed(0)
+    net = model(stride, kernel=5 if stride < 4 else 11)
+    net = net if precision == "fp32" else low_precision(net)
+    cut = ModuleCut(net, layer, channels_last=precision == "bf16", geometry=Geometry(stride=stride, receptive_field=9))
+    puts, handed, shuffled = _handed_off_and_not(cut, monkeypatch)
+    assert puts == 6 and not handed.quadratic  # type: ignore[attr-defined]
+    if model is _TwoReaders and precision == "bf16":
+        torch.testing.assert_close(handed.x, shuffled.x, rtol=0, atol=0.05)  # type: ignore[attr-defined]
+    else:
+        assert torch.equal(handed.x, shuffled.x)  # type: ignore[attr-defined]
+        assert torch.equal(handed.energy["total"], shuffled.energy["total"])  # type: ignore[attr-defined]

@@ -69,6 +69,34 @@ static window_t window_of(const void *data, const int64_t *desc, const int64_t *
     return g;
 }
 
+#define AS_FLOAT(v) (v)
+
+/* columns [0, span) of one channel's row into o, from phases whose blocks (sb values apart) each
+ * hold s contiguous pixels, the first block entered at pixel left % s; whole blocks with a constant
+ * s where it is 2 or 4, which the compiler turns into vector conversions */
+#define BLOCK_COPY(T, CONVERT, S)                                                                     \
+    for (; j + (S) <= span; j += (S), block += g->sb)                                                 \
+        for (int64_t q = 0; q < (S); q++) o[j + q] = CONVERT(block[q]);
+#define BLOCK_ROW(T, CONVERT)                                                                         \
+    do {                                                                                              \
+        const int64_t s = g->s, x0 = g->left % s;                                                     \
+        const T *block = (const T *)g->data + first + (g->left / s) * g->sb;                          \
+        int64_t j = 0;                                                                                \
+        if (x0) { /* the rest of the first block */                                                   \
+            j = s - x0 < span ? s - x0 : span;                                                        \
+            for (int64_t q = 0; q < j; q++) o[q] = CONVERT(block[x0 + q]);                            \
+            block += g->sb;                                                                           \
+        }                                                                                             \
+        if (s == 4) {                                                                                 \
+            BLOCK_COPY(T, CONVERT, 4)                                                                 \
+        } else if (s == 2) {                                                                          \
+            BLOCK_COPY(T, CONVERT, 2)                                                                 \
+        } else {                                                                                      \
+            BLOCK_COPY(T, CONVERT, s)                                                                 \
+        }                                                                                             \
+        for (int64_t q = 0; q < span - j; q++) o[j + q] = CONVERT(block[q]); /* a partial block */    \
+    } while (0)
+
 /* canvas row rr of element n, channel c (Wc wide) into out */
 static void window_row(const window_t *g, int64_t n, int64_t c, int64_t rr, int64_t Wc, float *out) {
     const int64_t i = rr - g->offsets[2 * n], c0 = g->offsets[2 * n + 1];
@@ -79,7 +107,14 @@ static void window_row(const window_t *g, int64_t n, int64_t c, int64_t rr, int6
     const float k = g->scale ? g->scale[n] : 1.0f, d = g->div ? g->div[c] : 1.0f;
     const int64_t first = n * g->sn + c * g->sc + a * g->sa + y * g->sy;
     float *o = out + c0;
-    for (int64_t x = 0; x < g->s; x++) {
+    /* columns written: the window's, up to the end of the phases */
+    const int64_t span = g->W < g->Bw * g->s - g->left ? g->W : g->Bw * g->s - g->left;
+    if (g->s > 1 && g->sx == 1 && span > 0) { /* each block's s pixels contiguous: copied block by block */
+        if (g->bf16)
+            BLOCK_ROW(uint16_t, bf16_to_f32);
+        else
+            BLOCK_ROW(float, AS_FLOAT);
+    } else for (int64_t x = 0; x < g->s; x++) {
         /* window columns j = b s + x - left, 0 <= j < W, b < Bw */
         int64_t b0 = 0, b1 = (g->W - 1 + g->left - x) / g->s + 1;
         if (g->left > x) b0 = (g->left - x + g->s - 1) / g->s;
@@ -106,7 +141,6 @@ static void window_row(const window_t *g, int64_t n, int64_t c, int64_t rr, int6
         }
     }
     /* scale and divisor over the columns written (those beyond the image stay exactly zero) */
-    const int64_t span = g->W < g->Bw * g->s - g->left ? g->W : g->Bw * g->s - g->left;
     if (g->scale) {
 #pragma omp simd
         for (int64_t j = 0; j < span; j++) o[j] = o[j] * k;

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..objectives import crop_window
 from .caffe import CaffeNet, CaffePooling
 from .networks import SequentialNet
 
@@ -170,6 +171,7 @@ class _ConvReLUFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, conv: nn.Conv2d, relu: bool) -> Tensor:  # type: ignore[override]
         y = _conv_pointwise(x, conv, relu)
         ctx.conv, ctx.relu = conv, relu
+        ctx.window = crop_window(x)  # the engine's crop: the input gradient's phases may go to its sink
         ctx.save_for_backward(x, y if relu else None)
         return y
 
@@ -188,8 +190,9 @@ class _ConvReLUFunction(torch.autograd.Function):
             grad, padding = grad[:, :, ph : h - ph, pw : w - pw], [0, 0]
         if border is None and input_conv.qualifies(conv) and input_conv.method(conv, x) == "subpixel":
             pad = (int(conv.padding[0]), int(conv.padding[1]))  # type: ignore[index]
-            return input_conv.input_gradient(grad, conv.weight, tuple(conv.stride), pad,  # type: ignore[arg-type]
-                                             tuple(x.shape[-2:])).to(x.dtype), None, None
+            dx = input_conv.input_gradient(grad, conv.weight, tuple(conv.stride), pad,  # type: ignore[arg-type]
+                                           tuple(x.shape[-2:]), ctx.window)
+            return (dx if dx is None else dx.to(x.dtype)), None, None
         (dx, _, _) = torch.ops.aten.convolution_backward(
             grad, x, conv.weight, None, list(conv.stride), padding, list(conv.dilation),  # type: ignore[arg-type]
             False, [0, 0], conv.groups, [True, False, False])
