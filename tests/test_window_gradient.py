@@ -124,9 +124,9 @@ def test_windows_the_kernels_do_not_take_fall_back() -> None:
 
 
 class _Strided(nn.Module):
-    def __init__(self, stride: int, kernel: int = 5, channels: int = 8) -> None:
+    def __init__(self, stride: int, kernel: int = 5, channels: int = 8, padding: int = 0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, channels, kernel, stride=stride)
+        self.conv1 = nn.Conv2d(3, channels, kernel, stride=stride, padding=padding)
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, 4, 3)
 
@@ -245,6 +245,7 @@ def test_the_first_convolution_hands_its_phases_to_the_update(precision: str, mo
     second reader's gradient is added to the phases (in fp32 instead of the model's dtype),
     within rounding."""
     monkeypatch.setenv("PREIMAGE_QUADRATIC", "0")
+    monkeypatch.setattr(ModuleCut, "loss_in_windows", lambda *args: None)  # a cut at conv1: through autograd
     torch.manual_seed(0)
     net = model(stride, kernel=5 if stride < 4 else 11)
     net = net if precision == "fp32" else low_precision(net)
@@ -256,3 +257,75 @@ def test_the_first_convolution_hands_its_phases_to_the_update(precision: str, mo
     else:
         assert torch.equal(handed.x, shuffled.x)  # type: ignore[attr-defined]
         assert torch.equal(handed.energy["total"], shuffled.energy["total"])  # type: ignore[attr-defined]
+
+
+def _losses(cut: ModuleCut, kind: str) -> object:
+    """An inversion loss (plain or masked) or an activation-maximization loss of ``cut``'s code."""
+    from preimage.objectives import InnerProductLoss
+
+    x0 = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3)) * 50
+    with torch.no_grad():
+        code = cut(x0).float()
+    if kind == "inner":
+        onehot = torch.zeros_like(code)
+        onehot[:, 1, code.shape[2] // 2, code.shape[3] // 2] = 1
+        return InnerProductLoss(onehot, 500.0)
+    mask = None
+    if kind == "masked":
+        mask = torch.zeros_like(code)
+        mask[:, :, : code.shape[2] // 2] = 1
+    return L2Loss(code, mask)
+
+
+@needs_library
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stride", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["l2", "masked", "inner"])
+def test_a_cut_at_one_convolution_skips_autograd(precision: str, stride: int, kind: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Φ one convolution of the image (AᵀA off, or a loss it does not take): the engine takes the
+    loss and the phases of the input gradient straight from the convolution
+    (ModuleCut.loss_in_windows) every step and lands bit for bit where autograd takes it."""
+    monkeypatch.setenv("PREIMAGE_QUADRATIC", "0")
+    torch.manual_seed(0)
+    net = _Strided(stride, kernel=3 if stride == 1 else 5 if stride == 2 else 11, padding=stride // 2 + 1)
+    net = net if precision == "fp32" else low_precision(net)
+    cut = ModuleCut(net, "conv1", channels_last=precision == "bf16", std=(40.0, 50.0, 60.0),
+                    geometry=Geometry(stride=stride, receptive_field=9))
+    loss = _losses(cut, kind)
+    stages = [Stage(4), Stage(2, lr_factor=0.1, jitter=False)]
+    settings = dataclasses.replace(PAPER, jitter=3)
+    calls = []
+    real = ModuleCut.loss_in_windows
+
+    def counted(self: ModuleCut, *args: object) -> object:
+        result = real(self, *args)  # type: ignore[arg-type]
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(ModuleCut, "loss_in_windows", counted)
+    direct = optimize(cut, loss, (40, 40), [0, 1], settings, stages, compile=True)
+    monkeypatch.setattr(ModuleCut, "loss_in_windows", lambda *args: None)
+    through = optimize(cut, loss, (40, 40), [0, 1], settings, stages, compile=True)
+    assert calls == [True] * 6
+    assert torch.equal(direct.x, through.x)  # type: ignore[attr-defined]
+    assert torch.equal(direct.energy["total"], through.energy["total"])  # type: ignore[attr-defined]
+
+
+class _Scaled(_Strided):
+    """A non-linearity before the first convolution: not one convolution of the image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(torch.tanh(x / 100) * 100)
+
+
+def test_only_a_cut_that_is_one_convolution_skips_autograd() -> None:
+    """A cut past the first convolution, or one with anything before it, is not taken for it."""
+    torch.manual_seed(0)
+    geometry = Geometry(stride=2, receptive_field=9)
+    assert ModuleCut(_Strided(2), "conv1", geometry=geometry).single_convolution() is not None
+    assert ModuleCut(_Strided(2), "conv2", geometry=geometry).single_convolution() is None
+    assert ModuleCut(_Scaled(2), "conv1", geometry=geometry).single_convolution() is None
+    cut = ModuleCut(_Scaled(2), "conv1", geometry=geometry)
+    canvas = torch.randn(1, 3, 42, 42)
+    assert cut.loss_in_windows(canvas, torch.zeros(1, 2, dtype=torch.long), (40, 40), lambda c, **k: (c, c), 1.0) is None

@@ -321,6 +321,8 @@ def optimize_batch(
     value_and_grad = getattr(loss, "value_and_grad", None)
     quadratic = quadratic_loss(representation, loss, size, device)  # an affine Φ: the loss of the image itself
     encode_crops = getattr(phi, "encode_crops", None)  # a Representation's Φ(jitter(x)); any module: phi(crop)
+    # Φ one convolution (a first layer that AᵀA does not take): its loss and window gradient without autograd
+    in_windows = getattr(phi, "loss_in_windows", None) if quadratic is None and value_and_grad is not None else None
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
     state.setdefault("mu", torch.zeros_like(x))
@@ -349,8 +351,13 @@ def optimize_batch(
                 else:
                     x.grad = grad
             else:  # the data term through Φ; the regularizers below in closed form
-                e_loss, window = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W), settings.C,
-                                            compile_loss, in_windows=compiled)
+                direct = in_windows(x.detach(), offsets, (H, W), value_and_grad, settings.C) \
+                    if in_windows is not None and compiled else None
+                if direct is not None:
+                    e_loss, window = direct
+                else:
+                    e_loss, window = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W),
+                                                settings.C, compile_loss, in_windows=compiled)
             with torch.no_grad():
                 if window is None and x.grad is None:  # a loss that does not depend on x (C = 0)
                     x.grad = torch.zeros_like(x)
