@@ -322,7 +322,7 @@ def optimize_batch(
     quadratic = quadratic_loss(representation, loss, size, device)  # an affine Φ: the loss of the image itself
     encode_crops = getattr(phi, "encode_crops", None)  # a Representation's Φ(jitter(x)); any module: phi(crop)
     # Φ one convolution (a first layer that AᵀA does not take): its loss and window gradient without autograd
-    in_windows = getattr(phi, "loss_in_windows", None) if quadratic is None and value_and_grad is not None else None
+    one_conv = getattr(phi, "loss_in_windows", None) if quadratic is None and value_and_grad is not None else None
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
     state.setdefault("mu", torch.zeros_like(x))
@@ -351,8 +351,8 @@ def optimize_batch(
                 else:
                     x.grad = grad
             else:  # the data term through Φ; the regularizers below in closed form
-                direct = in_windows(x.detach(), offsets, (H, W), value_and_grad, settings.C) \
-                    if in_windows is not None and compiled else None
+                direct = one_conv(x.detach(), offsets, (H, W), value_and_grad, settings.C) \
+                    if one_conv is not None and compiled else None
                 if direct is not None:
                     e_loss, window = direct
                 else:
