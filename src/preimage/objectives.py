@@ -98,7 +98,10 @@ class L2Loss:
         ``compiled`` uses a one-pass kernel for the unmasked loss (:func:`preimage.fused.loss_step`:
         C on the CPU, ``torch.compile`` elsewhere; eager if neither is available).
         """
-        scale = weight / self.norm2.to(code.device, torch.float32)
+        key = ("scale", weight, code.device)
+        if key not in self._cache:  # constant over a run: formed once
+            self._cache[key] = weight / self.norm2.to(code.device, torch.float32)
+        scale = self._cache[key]
         if self.mask is None:
             target = self._target_like(code)
             if compiled:
@@ -124,7 +127,8 @@ class L2Loss:
         return part
 
     def _target_like(self, code: Tensor) -> Tensor:
-        """The target in the code's dtype and memory layout (converted once, then cached)."""
+        """The target in the code's dtype and memory layout (converted once, then cached with
+        :meth:`value_and_grad`'s scales)."""
         key = (code.dtype, code.dim() == 4 and not code.is_contiguous())
         if key not in self._cache:
             t = _layout_like(self.target, code)

@@ -112,6 +112,7 @@ class ModuleCut(Representation):
         self._input_gradient: InputGradientHooks | None = None  # see for_optimization
         self._optimized = False  # for_optimization's copy
         self._single: tuple[nn.Conv2d, ...] | None = None  # see single_convolution
+        self._single_origin = (0, 0)  # its (top, left) padding
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
         self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
 
@@ -237,6 +238,9 @@ class ModuleCut(Representation):
         once per object)."""
         if self._single is None:
             self._single = (self._target,) if qualifies(self._target) and self.affine() is not None else ()
+            if self._single:
+                pad = zero_padding(self._target)
+                self._single_origin = (pad[0], pad[2])  # type: ignore[index]
         return self._single[0] if self._single and qualifies(self._single[0]) else None
 
     def loss_in_windows(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int],
@@ -260,9 +264,8 @@ class ModuleCut(Representation):
             if crop is None:
                 return None
             e_loss, g_code = value_and_grad(conv(crop), weight=weight, compiled=True)
-            pad = zero_padding(conv)
             values, origin = input_gradient_phases(g_code.to(conv.weight.dtype), conv.weight, tuple(conv.stride),
-                                                   (pad[0], pad[2]), by_channel=True)  # type: ignore[index, arg-type]
+                                                   self._single_origin, by_channel=True)  # type: ignore[arg-type]
         return e_loss, WindowGradient(values, offsets, size, origin, divisor)
 
     @property
