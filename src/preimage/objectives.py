@@ -98,7 +98,7 @@ class L2Loss:
         ``compiled`` uses a one-pass kernel for the unmasked loss (:func:`preimage.fused.loss_step`:
         C on the CPU, ``torch.compile`` elsewhere; eager if neither is available).
         """
-        key = ("scale", weight, code.device)
+        key = ("scale", float(weight), code.device)
         if key not in self._cache:  # constant over a run: formed once
             self._cache[key] = weight / self.norm2.to(code.device, torch.float32)
         scale = self._cache[key]
