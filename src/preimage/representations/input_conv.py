@@ -28,6 +28,12 @@ convolution has 3 output channels.  On the CPU its gradient is computed 2 x 2 pi
 (:func:`blocked_kernel`): a stride-2 correlation with 12 output channels and a 4x4 kernel, then
 the same shuffle.  VGG-VD-16 conv1_1 at 224 x 224: 0.69-0.74 -> 0.58-0.59 ms per image in bf16,
 2.9-3.2 -> 1.6-1.9 ms in fp32 (``benchmarks/README.md``).
+
+In the engine the shuffle is not made either: the crop the convolution reads carries a
+:class:`~preimage.objectives.CropWindow`, and the phases (channels ordered ``(c, y, x)``) go
+through it to the update kernel, which reads them where they lie
+(:func:`input_gradient`; :func:`input_gradient_phases`, which a cut that is one convolution
+calls directly: ``ModuleCut.loss_in_windows``).
 """
 
 from __future__ import annotations
