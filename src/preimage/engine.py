@@ -322,7 +322,8 @@ def optimize_batch(
     quadratic = quadratic_loss(representation, loss, size, device)  # an affine Φ: the loss of the image itself
     encode_crops = getattr(phi, "encode_crops", None)  # a Representation's Φ(jitter(x)); any module: phi(crop)
     # Φ one convolution (a first layer that AᵀA does not take): its loss and window gradient without autograd
-    one_conv = getattr(phi, "loss_in_windows", None) if quadratic is None and value_and_grad is not None else None
+    one_conv = getattr(phi, "loss_in_windows", None) \
+        if quadratic is None and value_and_grad is not None and device.type == "cpu" else None
     state = opt.state[x]  # Algorithm 1's G and mu, shared by the eager and the compiled step
     state.setdefault("G", torch.zeros_like(x))
     state.setdefault("mu", torch.zeros_like(x))
