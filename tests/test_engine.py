@@ -208,3 +208,31 @@ def test_auto_batch_size_amortizes_the_weights_a_cut_reads() -> None:
     assert element_bytes(small, (224, 224)) > CPU_ACTIVATION
     assert auto_batch_size(small, (224, 224), budget=budget) == 16
     assert auto_batch_size(fc, (224, 224), budget=3 * element_bytes(fc, (224, 224))) == 3  # memory first
+
+
+def test_each_seed_jitters_by_its_own_draws_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine draws a stage's shifts at once; they are each seed's generator's draws as they
+    were made step by step (after the noise start), and a stage without jitter draws none."""
+    from preimage.engine import Stage, optimize
+    from preimage.objectives import L2Loss
+    from preimage.representations import base
+    from preimage.representations.cnn import ModuleCut
+
+    from .conftest import tiny_cnn
+
+    rep = ModuleCut(tiny_cnn(), "2", mean=(0, 0, 0), std=(1, 1, 1))
+    with torch.no_grad():
+        target = rep(torch.rand(2, 3, 24, 24) * 200 - 100)
+    seen: list[list[list[int]]] = []
+    real = base.jitter_crop
+    monkeypatch.setattr(base, "jitter_crop", lambda x, offsets, size: (seen.append(offsets.tolist()), real(x, offsets, size))[1])
+    s = Settings(iterations=5, fine_iterations=0, jitter=4)
+    optimize(rep, L2Loss(target), (24, 24), [7, 9], s, [Stage(5), Stage(2, jitter=False), Stage(3)], compile=False)
+    expected = []
+    gens = [torch.Generator().manual_seed(seed) for seed in (7, 9)]
+    for g in gens:
+        torch.rand((3, 27, 27), generator=g)  # the noise start (engine.noise_init)
+    for stage, jitter in ((5, True), (2, False), (3, True)):
+        for _ in range(stage):
+            expected.append([torch.randint(0, 4, (2,), generator=g).tolist() for g in gens] if jitter else [[1, 1], [1, 1]])
+    assert seen == expected

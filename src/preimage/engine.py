@@ -336,11 +336,11 @@ def optimize_batch(
     t = 0
     for stage in stages:
         opt.set_lr(lr * stage.lr_factor)
-        for _ in range(stage.iterations):
-            if stage.jitter and T > 1:
-                offsets = torch.stack([torch.randint(0, T, (2,), generator=g) for g in gens])
-            else:
-                offsets = centre_off
+        jittered = stage.jitter and T > 1  # the stage's shifts drawn at once: the same numbers as step by step
+        shifts = torch.stack([torch.randint(0, T, (stage.iterations, 2), generator=g) for g in gens], 1) \
+            if jittered else None
+        for i in range(stage.iterations):
+            offsets = shifts[i] if shifts is not None else centre_off
             x.grad = None
             window = None  # the data term's gradient left in the windows, for the fused step to read
             if quadratic is not None:  # Φ never computed: the same loss and gradient from AᵀA (affine.py)
