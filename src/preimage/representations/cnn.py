@@ -22,7 +22,7 @@ from .base import Geometry, Representation, RepresentationError
 
 if TYPE_CHECKING:
     from .affine import ConvGram
-from .input_conv import InputGradientHooks, input_gradient_phases, qualifies, zero_padding
+from .input_conv import InputGradientHooks, input_gradient_phases, qualifies, top_left_padding, zero_padding
 
 
 class _Stop(Exception):
@@ -111,8 +111,7 @@ class ModuleCut(Representation):
         self.channels_last = channels_last
         self._input_gradient: InputGradientHooks | None = None  # see for_optimization
         self._optimized = False  # for_optimization's copy
-        self._single: tuple[nn.Conv2d, ...] | None = None  # see single_convolution
-        self._single_origin = (0, 0)  # its (top, left) padding
+        self._single: tuple[nn.Conv2d, tuple[int, int]] | tuple[()] | None = None  # see single_convolution
         self.name = name or f"{type(model).__name__.lower()}:{layer or 'output'}"
         self.geometry = geometry if geometry is not None else probe_geometry(self, probe_size)
 
@@ -164,12 +163,15 @@ class ModuleCut(Representation):
         then :meth:`forward`."""
         if native:
             self.check_input(canvas)
-            divisor = self.std.float() if self._divide else None
-            crop = converted_crop(canvas, offsets, size, divisor, self.compute_dtype,
+            crop = converted_crop(canvas, offsets, size, self._divisor(), self.compute_dtype,
                                   self.channels_last and canvas.dim() == 4, sink)
             if crop is not None:
                 return self._run(crop)
         return super().encode_crops(canvas, offsets, size)
+
+    def _divisor(self) -> Tensor | None:
+        """What the C crop divides the image by: ``std`` where the model takes it divided."""
+        return self.std.float() if self._divide else None
 
     def for_optimization(self) -> "ModuleCut":
         """This cut with the image-facing strided convolutions back-propagated by
@@ -236,11 +238,9 @@ class ModuleCut(Representation):
         """The convolution the cut is, when Φ is nothing but one convolution of the image
         (:meth:`affine`) that :mod:`~.input_conv` back-propagates, else None (the probe runs
         once per object)."""
-        if self._single is None:
-            self._single = (self._target,) if qualifies(self._target) and self.affine() is not None else ()
-            if self._single:
-                pad = zero_padding(self._target)
-                self._single_origin = (pad[0], pad[2])  # type: ignore[index]
+        if self._single is None:  # the convolution and its (top, left) padding, or ()
+            single = qualifies(self._target) and self.affine() is not None
+            self._single = (self._target, top_left_padding(self._target)) if single else ()  # type: ignore[assignment]
         return self._single[0] if self._single and qualifies(self._single[0]) else None
 
     def loss_in_windows(self, canvas: Tensor, offsets: Tensor, size: tuple[int, int],
@@ -258,14 +258,14 @@ class ModuleCut(Representation):
         conv = self.single_convolution()
         if conv is None or canvas.dim() != 4:
             return None
-        divisor = self.std.float() if self._divide else None
+        divisor = self._divisor()
         with torch.no_grad():
             crop = converted_crop(canvas, offsets, size, divisor, self.compute_dtype, self.channels_last)
             if crop is None:
                 return None
             e_loss, g_code = value_and_grad(conv(crop), weight=weight, compiled=True)
             values, origin = input_gradient_phases(g_code.to(conv.weight.dtype), conv.weight, tuple(conv.stride),
-                                                   self._single_origin, by_channel=True)  # type: ignore[arg-type]
+                                                   self._single[1], by_channel=True)  # type: ignore[arg-type, misc]
         return e_loss, WindowGradient(values, offsets, size, origin, divisor)
 
     @property

@@ -73,7 +73,7 @@ def zero_padding(conv: nn.Conv2d) -> tuple[int, int, int, int] | None:
     return ph, ph, pw, pw
 
 
-def _padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+def top_left_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """The (top, left) zero padding of ``conv``'s input (see :func:`zero_padding`)."""
     pad = zero_padding(conv)
     return (pad[0], pad[2]) if pad is not None else None
@@ -83,7 +83,7 @@ def qualifies(module: nn.Module) -> bool:
     """Whether ``module`` is a plain convolution on an image (``nn.Conv2d``, or this project's
     ``DenseConv2d`` / ``PaddedConv2d``; zero padding, no groups or dilation, stride > 1 or a kernel
     wider than 1, at most :data:`MAX_IN_CHANNELS` input channels, frozen weights)."""
-    if not isinstance(module, nn.Conv2d) or _padding(module) is None:
+    if not isinstance(module, nn.Conv2d) or top_left_padding(module) is None:
         return False
     strided = tuple(module.stride) != (1, 1)
     return (module.groups == 1 and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros"
@@ -302,7 +302,7 @@ class InputGradientHooks:
 
     def __init__(self, convs: list[nn.Conv2d]) -> None:
         self.convs = convs
-        self._offsets = {id(c): _padding(c) for c in convs}
+        self._offsets = {id(c): top_left_padding(c) for c in convs}
         self._inputs: dict[int, tuple[Tensor, str]] = {}
         self._handles: list[Any] = []
 
