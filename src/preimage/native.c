@@ -21,6 +21,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -786,4 +789,194 @@ int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, 
         }
     }
     return 0;
+}
+
+/* Caffe's ACROSS_CHANNELS LRN (models/caffe.py, CaffeLRN) and its gradient, in one pass each:
+ *     s_c = k + alpha/n * sum_{|c' - c| <= h} x_c'^2,   y_c = x_c * s_c^-beta   (h = (n - 1) / 2,
+ *     channels outside [0, C) count as zero),
+ *     dx_c = g_c * s_c^-beta - (2 alpha beta / n) * x_c * sum_{|c' - c| <= h} g_c' * y_c' / s_c'.
+ * The backward pass recomputes s and s^-beta from x (reading x and g, writing dx) rather than
+ * keeping them from the forward pass (lrn_powers: s^-beta for beta = 0.75, every network here,
+ * without divisions; other betas by powf).  Arithmetic in fp32; bf16 inputs are widened
+ * and outputs rounded once.  x, g, y, dx are (N, C, P) with P = H * W pixels, NCHW or, with nhwc,
+ * channels-last.
+ *
+ * The work goes in blocks held in flat fp32 buffers where a channel's neighbours lie D elements
+ * away and missing channels are zeros, so every step is one vectorized loop over the block:
+ * channels-last, LRN_PIXELS consecutive pixels, each a run of C channels followed by h zeros (D = 1);
+ * NCHW, LRN_LANES pixels of an image as C rows with h zero rows above and below (D = LRN_LANES).
+ * Threads share blocks; each has its own buffers (-1: out of memory). */
+#define LRN_PIXELS 16
+#define LRN_LANES 64
+
+/* acc[i] <- u = s^-beta and, if r, r[i] <- 1 / s, for s = k + an acc[i], i < m.  With AVX-512 and
+ * beta = 0.75: 1 / sqrt by the hardware's estimate (relative error < 2^-14) and one Newton step
+ * (~1e-7, fp32's rounding), s^-3/4 = rsqrt(s) rsqrt(s rsqrt(s)), 1 / s = rsqrt(s)^2: no divisions
+ * (the divider's sqrt and div cost ~2 cycles per element).  Elsewhere the same in sqrtf and
+ * divisions, or powf for other betas. */
+static void lrn_powers(float *acc, float *r, int64_t m, float k, float an, float beta) {
+    int64_t i = 0;
+    if (beta == 0.75f) {
+#ifdef __AVX512F__
+        const __m512 vk = _mm512_set1_ps(k), van = _mm512_set1_ps(an), half = _mm512_set1_ps(0.5f),
+                     three_halves = _mm512_set1_ps(1.5f);
+        for (; i + 16 <= m; i += 16) {
+            const __m512 s = _mm512_fmadd_ps(van, _mm512_loadu_ps(acc + i), vk);
+            __m512 y = _mm512_rsqrt14_ps(s); /* y (1.5 - 0.5 s y^2) */
+            y = _mm512_mul_ps(y, _mm512_fnmadd_ps(_mm512_mul_ps(half, s), _mm512_mul_ps(y, y), three_halves));
+            const __m512 w = _mm512_mul_ps(s, y); /* sqrt(s) */
+            __m512 z = _mm512_rsqrt14_ps(w);
+            z = _mm512_mul_ps(z, _mm512_fnmadd_ps(_mm512_mul_ps(half, w), _mm512_mul_ps(z, z), three_halves));
+            _mm512_storeu_ps(acc + i, _mm512_mul_ps(y, z));
+            if (r) _mm512_storeu_ps(r + i, _mm512_mul_ps(y, y));
+        }
+#endif
+#pragma omp simd
+        for (int64_t j = i; j < m; j++) {
+            const float s = k + an * acc[j], q = 1.0f / sqrtf(s);
+            acc[j] = q * sqrtf(q);
+            if (r) r[j] = q * q;
+        }
+        return;
+    }
+    for (; i < m; i++) {
+        const float s = k + an * acc[i];
+        acc[i] = powf(s, -beta);
+        if (r) r[i] = 1.0f / s;
+    }
+}
+
+/* the block's region [0, m) of each buffer (pointers at its start; the buffers extend h D zeros
+ * beyond it on either side): the forward (gs == NULL: out = y) or the backward pass (out = dx) */
+static void lrn_block(const float *xs, const float *gs, float *out, float *sq, float *acc, float *t, int64_t m,
+                      int64_t D, int64_t n, float an, float k, float beta, float c2) {
+    const int64_t h = (n - 1) / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) sq[i] = xs[i] * xs[i];
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) acc[i] = sq[i - h * D];
+    for (int64_t j = 1; j < n; j++) {
+        const float *row = sq + (j - h) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) acc[i] += row[i];
+    }
+    lrn_powers(acc, gs ? t : NULL, m, k, an, beta); /* acc: u = s^-beta; t: 1 / s */
+    if (!gs) {
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) out[i] = xs[i] * acc[i];
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) {
+        out[i] = gs[i] * acc[i];
+        t[i] *= gs[i] * xs[i] * acc[i]; /* g y / s (zero where x is: the padding stays zero) */
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) acc[i] = t[i - h * D];
+    for (int64_t j = 1; j < n; j++) {
+        const float *row = t + (j - h) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) acc[i] += row[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) out[i] -= c2 * xs[i] * acc[i];
+}
+
+/* tensor <-> block: channels-last, pixel p's channel c at src[p C + c] and block[p (C + h) + c];
+ * NCHW, channel c of lane l at src[c P + l] and block[c L + l] */
+#define LRN_LOAD(T, CONVERT, TENSOR, BLOCK)                                                                \
+    if (nhwc) {                                                                                            \
+        for (int64_t p = 0; p < width; p++) {                                                              \
+            const T *from_ = (const T *)(TENSOR) + p * C;                                                  \
+            float *to_ = (BLOCK) + p * (C + h);                                                            \
+            _Pragma("omp simd") for (int64_t c = 0; c < C; c++) to_[c] = CONVERT(from_[c]);                \
+        }                                                                                                  \
+    } else {                                                                                               \
+        for (int64_t c = 0; c < C; c++) {                                                                  \
+            const T *from_ = (const T *)(TENSOR) + c * P;                                                  \
+            float *to_ = (BLOCK) + c * L;                                                                  \
+            _Pragma("omp simd") for (int64_t l = 0; l < width; l++) to_[l] = CONVERT(from_[l]);            \
+        }                                                                                                  \
+    }
+
+#define LRN_STORE(T, CONVERT, BLOCK, TENSOR)                                                               \
+    if (nhwc) {                                                                                            \
+        for (int64_t p = 0; p < width; p++) {                                                              \
+            const float *from_ = (BLOCK) + p * (C + h);                                                    \
+            T *to_ = (T *)(TENSOR) + p * C;                                                                \
+            _Pragma("omp simd") for (int64_t c = 0; c < C; c++) to_[c] = CONVERT(from_[c]);                \
+        }                                                                                                  \
+    } else {                                                                                               \
+        for (int64_t c = 0; c < C; c++) {                                                                  \
+            const float *from_ = (BLOCK) + c * L;                                                          \
+            T *to_ = (T *)(TENSOR) + c * P;                                                                \
+            _Pragma("omp simd") for (int64_t l = 0; l < width; l++) to_[l] = CONVERT(from_[l]);            \
+        }                                                                                                  \
+    }
+
+static int lrn(const void *x, const void *g, void *out, int64_t N, int64_t C, int64_t P, int64_t n, float alpha,
+               float beta, float k, int bf16, int nhwc, int threads) {
+    if (threads < 1) threads = 1;
+    const int64_t h = (n - 1) / 2, L = nhwc ? LRN_PIXELS : LRN_LANES, D = nhwc ? 1 : L;
+    const int64_t m = nhwc ? L * (C + h) : C * L;                  /* a block's region */
+    const int64_t per_image = nhwc ? 0 : (P + L - 1) / L;          /* NCHW blocks per image */
+    const int64_t items = nhwc ? (N * P + L - 1) / L : N * per_image; /* channels-last pixels run on */
+    const float an = alpha / (float)n, c2 = 2.0f * alpha * beta / (float)n;
+    const size_t esize = bf16 ? 2 : 4, span = (size_t)(m + 2 * h * D);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        /* xs, gs, o, acc, sq, t: span each, the region after h D zeros (which stay zero, as do the
+         * h zeros after each channels-last pixel, which the loads never write) */
+        float *buf = (float *)calloc(6 * span, sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *xs = buf + h * D, *gs = xs + span, *o = gs + span, *acc = o + span, *sq = acc + span,
+                  *t = sq + span;
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < items; q++) {
+                int64_t width;
+                size_t base;
+                if (nhwc) { /* pixels q L .. of all images, in a row */
+                    width = N * P - q * L < L ? N * P - q * L : L;
+                    base = (size_t)(q * L * C) * esize;
+                } else {
+                    const int64_t img = q / per_image, p0 = (q % per_image) * L;
+                    width = P - p0 < L ? P - p0 : L; /* a last, narrower block: stale lanes, never stored */
+                    base = (size_t)(img * C * P + p0) * esize;
+                }
+                const char *xq = (const char *)x + base, *gq = g ? (const char *)g + base : NULL;
+                char *oq = (char *)out + base;
+                if (bf16) {
+                    LRN_LOAD(uint16_t, bf16_to_f32, xq, xs)
+                    if (g) { LRN_LOAD(uint16_t, bf16_to_f32, gq, gs) }
+                } else {
+                    LRN_LOAD(float, SAME, xq, xs)
+                    if (g) { LRN_LOAD(float, SAME, gq, gs) }
+                }
+                lrn_block(xs, g ? gs : NULL, o, sq, acc, t, m, D, n, an, k, beta, c2);
+                if (bf16) {
+                    LRN_STORE(uint16_t, f32_to_bf16, o, oq)
+                } else {
+                    LRN_STORE(float, SAME, o, oq)
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+int preimage_lrn(const void *x, void *y, int64_t N, int64_t C, int64_t P, int64_t n, float alpha, float beta,
+                 float k, int bf16, int nhwc, int threads) {
+    return lrn(x, NULL, y, N, C, P, n, alpha, beta, k, bf16, nhwc, threads);
+}
+
+int preimage_lrn_backward(const void *x, const void *g, void *dx, int64_t N, int64_t C, int64_t P, int64_t n,
+                          float alpha, float beta, float k, int bf16, int nhwc, int threads) {
+    return lrn(x, g, dx, N, C, P, n, alpha, beta, k, bf16, nhwc, threads);
 }

@@ -152,8 +152,12 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_dsift_normalize.argtypes = [p, i64, i64, i64, p, i64, i64, f32, f32, f32, i32]
         lib.preimage_dsift_normalize_backward.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, f32, f32,
                                                           f32, i32]
-        for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32", "preimage_l2_bf16", "preimage_crop", "preimage_uncrop",
-                     "preimage_maxpool", "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward"):
+        lib.preimage_lrn.argtypes = [p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
+        lib.preimage_lrn_backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
+        for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32",
+                     "preimage_l2_bf16", "preimage_crop", "preimage_uncrop", "preimage_maxpool",
+                     "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward",
+                     "preimage_lrn", "preimage_lrn_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -435,3 +439,40 @@ def max_pool_backward(gy: Tensor, idx: Tensor, in_shape: tuple[int, ...], kernel
     if status != 0:
         raise MemoryError("out of memory in the max-pooling kernel")
     return gx
+
+
+def lrn_layout(x: Tensor) -> bool | None:
+    """``x``'s layout for :func:`lrn`: False for NCHW, True for channels-last, None where the
+    kernels do not apply (not a dense, non-empty fp32 / bf16 CPU tensor of 4 dimensions, no
+    library)."""
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not x.numel():
+        return None
+    if library(quiet=True) is None:
+        return None
+    if x.is_contiguous():
+        return False
+    return True if x.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float, grad: Tensor | None = None) -> Tensor | None:
+    """Caffe's ACROSS_CHANNELS LRN of ``x`` (:class:`~preimage.models.caffe.CaffeLRN`), in one
+    pass, in ``x``'s dtype and layout (fp32 arithmetic); with ``grad``, its gradient w.r.t. ``x``
+    for that output gradient instead (``s`` recomputed from ``x``: one pass reading ``x`` and
+    ``grad``).  None where it does not apply (:func:`lrn_layout`)."""
+    nhwc = lrn_layout(x)
+    if nhwc is None:
+        return None
+    lib = library(quiet=True)
+    assert lib is not None
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    N, C, H, W = x.shape
+    out = torch.empty_like(x, memory_format=layout)
+    args = (N, C, H * W, size, alpha, beta, k, int(x.dtype == torch.bfloat16), int(nhwc), torch.get_num_threads())
+    if grad is None:
+        status = lib.preimage_lrn(x.data_ptr(), out.data_ptr(), *args)
+    else:
+        grad = grad.to(x.dtype).contiguous(memory_format=layout)
+        status = lib.preimage_lrn_backward(x.data_ptr(), grad.data_ptr(), out.data_ptr(), *args)
+    if status != 0:
+        raise MemoryError("out of memory in the LRN kernel")
+    return out
