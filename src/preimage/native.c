@@ -796,7 +796,7 @@ int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, 
  *     channels outside [0, C) count as zero),
  *     dx_c = g_c * s_c^-beta - (2 alpha beta / n) * x_c * sum_{|c' - c| <= h} g_c' * y_c' / s_c'.
  * The backward pass recomputes s and s^-beta from x (reading x and g, writing dx) rather than
- * keeping them from the forward pass (lrn_powers: s^-beta for beta = 0.75, every network here,
+ * keeping them from the forward pass (lrn_middle: s^-beta for beta = 0.75, every network here,
  * without divisions; other betas by powf).  Arithmetic in fp32; bf16 inputs are widened
  * and outputs rounded once.  x, g, y, dx are (N, C, P) with P = H * W pixels, NCHW or, with nhwc,
  * channels-last.
@@ -809,40 +809,74 @@ int preimage_maxpool_backward(const void *gy, const uint8_t *idx, void *gx_all, 
 #define LRN_PIXELS 16
 #define LRN_LANES 64
 
-/* acc[i] <- u = s^-beta and, if r, r[i] <- 1 / s, for s = k + an acc[i], i < m.  With AVX-512 and
- * beta = 0.75: 1 / sqrt by the hardware's estimate (relative error < 2^-14) and one Newton step
- * (~1e-7, fp32's rounding), s^-3/4 = rsqrt(s) rsqrt(s rsqrt(s)), 1 / s = rsqrt(s)^2: no divisions
- * (the divider's sqrt and div cost ~2 cycles per element).  Elsewhere the same in sqrtf and
- * divisions, or powf for other betas. */
-static void lrn_powers(float *acc, float *r, int64_t m, float k, float an, float beta) {
+/* The middle of a block, for s = k + an acc[i], u = s^-beta, i < m: the forward pass's output
+ * out = x u (gs == NULL), or the backward pass's first term out = g u and t = g x u / s (= g y / s;
+ * zero where x is, so the padding stays zero).  With AVX-512 and beta = 0.75: 1 / sqrt by the
+ * hardware's estimate (relative error < 2^-14) and one Newton step (~1e-7, fp32's rounding),
+ * s^-3/4 = rsqrt(s) rsqrt(s rsqrt(s)), 1 / s = rsqrt(s)^2: no divisions (the divider's sqrt and div
+ * cost ~2 cycles per element).  Elsewhere the same in sqrtf and divisions, or powf for other betas. */
+#ifdef __AVX512F__
+static inline __m512 lrn_rsqrt16(__m512 s) { /* y (1.5 - 0.5 s y^2), y ~ 1 / sqrt(s) */
+    const __m512 y = _mm512_rsqrt14_ps(s);
+    return _mm512_mul_ps(y, _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), s), _mm512_mul_ps(y, y),
+                                             _mm512_set1_ps(1.5f)));
+}
+#endif
+
+static void lrn_middle(const float *acc, const float *xs, const float *gs, float *out, float *t, int64_t m, float k,
+                       float an, float beta) {
     int64_t i = 0;
     if (beta == 0.75f) {
 #ifdef __AVX512F__
-        const __m512 vk = _mm512_set1_ps(k), van = _mm512_set1_ps(an), half = _mm512_set1_ps(0.5f),
-                     three_halves = _mm512_set1_ps(1.5f);
+        const __m512 vk = _mm512_set1_ps(k), van = _mm512_set1_ps(an);
         for (; i + 16 <= m; i += 16) {
-            const __m512 s = _mm512_fmadd_ps(van, _mm512_loadu_ps(acc + i), vk);
-            __m512 y = _mm512_rsqrt14_ps(s); /* y (1.5 - 0.5 s y^2) */
-            y = _mm512_mul_ps(y, _mm512_fnmadd_ps(_mm512_mul_ps(half, s), _mm512_mul_ps(y, y), three_halves));
-            const __m512 w = _mm512_mul_ps(s, y); /* sqrt(s) */
-            __m512 z = _mm512_rsqrt14_ps(w);
-            z = _mm512_mul_ps(z, _mm512_fnmadd_ps(_mm512_mul_ps(half, w), _mm512_mul_ps(z, z), three_halves));
-            _mm512_storeu_ps(acc + i, _mm512_mul_ps(y, z));
-            if (r) _mm512_storeu_ps(r + i, _mm512_mul_ps(y, y));
+            const __m512 s = _mm512_fmadd_ps(van, _mm512_loadu_ps(acc + i), vk), y = lrn_rsqrt16(s);
+            const __m512 u = _mm512_mul_ps(y, lrn_rsqrt16(_mm512_mul_ps(s, y))), x = _mm512_loadu_ps(xs + i);
+            if (!gs) {
+                _mm512_storeu_ps(out + i, _mm512_mul_ps(x, u));
+                continue;
+            }
+            const __m512 gu = _mm512_mul_ps(_mm512_loadu_ps(gs + i), u);
+            _mm512_storeu_ps(out + i, gu);
+            _mm512_storeu_ps(t + i, _mm512_mul_ps(_mm512_mul_ps(gu, x), _mm512_mul_ps(y, y)));
         }
 #endif
-#pragma omp simd
-        for (int64_t j = i; j < m; j++) {
-            const float s = k + an * acc[j], q = 1.0f / sqrtf(s);
-            acc[j] = q * sqrtf(q);
-            if (r) r[j] = q * q;
+        for (; i < m; i++) {
+            const float s = k + an * acc[i], q = 1.0f / sqrtf(s), u = q * sqrtf(q);
+            if (!gs) {
+                out[i] = xs[i] * u;
+            } else {
+                out[i] = gs[i] * u;
+                t[i] = out[i] * xs[i] * (q * q);
+            }
         }
         return;
     }
     for (; i < m; i++) {
-        const float s = k + an * acc[i];
-        acc[i] = powf(s, -beta);
-        if (r) r[i] = 1.0f / s;
+        const float s = k + an * acc[i], u = powf(s, -beta);
+        if (!gs) {
+            out[i] = xs[i] * u;
+        } else {
+            out[i] = gs[i] * u;
+            t[i] = out[i] * xs[i] / s;
+        }
+    }
+}
+
+/* sum[i] = sum_{|j| <= h} v[i + j D], i < m (n = 2h + 1 = 5, every network here, in one pass) */
+static void lrn_window_sum(const float *v, float *sum, int64_t m, int64_t D, int64_t n) {
+    const int64_t h = (n - 1) / 2;
+    if (n == 5) {
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) sum[i] = (v[i - 2 * D] + v[i - D]) + v[i] + (v[i + D] + v[i + 2 * D]);
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < m; i++) sum[i] = v[i - h * D];
+    for (int64_t j = 1; j < n; j++) {
+        const float *row = v + (j - h) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) sum[i] += row[i];
     }
 }
 
@@ -850,34 +884,12 @@ static void lrn_powers(float *acc, float *r, int64_t m, float k, float an, float
  * beyond it on either side): the forward (gs == NULL: out = y) or the backward pass (out = dx) */
 static void lrn_block(const float *xs, const float *gs, float *out, float *sq, float *acc, float *t, int64_t m,
                       int64_t D, int64_t n, float an, float k, float beta, float c2) {
-    const int64_t h = (n - 1) / 2;
 #pragma omp simd
     for (int64_t i = 0; i < m; i++) sq[i] = xs[i] * xs[i];
-#pragma omp simd
-    for (int64_t i = 0; i < m; i++) acc[i] = sq[i - h * D];
-    for (int64_t j = 1; j < n; j++) {
-        const float *row = sq + (j - h) * D;
-#pragma omp simd
-        for (int64_t i = 0; i < m; i++) acc[i] += row[i];
-    }
-    lrn_powers(acc, gs ? t : NULL, m, k, an, beta); /* acc: u = s^-beta; t: 1 / s */
-    if (!gs) {
-#pragma omp simd
-        for (int64_t i = 0; i < m; i++) out[i] = xs[i] * acc[i];
-        return;
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < m; i++) {
-        out[i] = gs[i] * acc[i];
-        t[i] *= gs[i] * xs[i] * acc[i]; /* g y / s (zero where x is: the padding stays zero) */
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < m; i++) acc[i] = t[i - h * D];
-    for (int64_t j = 1; j < n; j++) {
-        const float *row = t + (j - h) * D;
-#pragma omp simd
-        for (int64_t i = 0; i < m; i++) acc[i] += row[i];
-    }
+    lrn_window_sum(sq, acc, m, D, n);
+    lrn_middle(acc, xs, gs, out, t, m, k, an, beta);
+    if (!gs) return;
+    lrn_window_sum(t, acc, m, D, n);
 #pragma omp simd
     for (int64_t i = 0; i < m; i++) out[i] -= c2 * xs[i] * acc[i];
 }
