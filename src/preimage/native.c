@@ -12,6 +12,8 @@
  *   where it lies, in the windows (window_t), with no canvas-sized gradient; and that gradient
  *   written out, for the other paths.
  * preimage_dsift_normalize / _backward: DSIFT's descriptor normalization (plain arithmetic).
+ * preimage_maxpool / _backward: max pooling with a one-byte index (models/pooling.py).
+ * preimage_lrn / _backward: Caffe's cross-channel LRN and its gradient (models/caffe.py).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
  * columns (or the code's memory) and are vectorized by the compiler.  Threads (OpenMP) share

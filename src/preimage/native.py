@@ -22,6 +22,9 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
   keeps an int64 input index, and a gradient gathered per input pixel (written once) where torch
   zero-fills the input gradient and scatters into it (used by
   :func:`preimage.models.pooling.max_pool2d`);
+* :func:`lrn` -- Caffe's ACROSS_CHANNELS LRN and its gradient (used by
+  :class:`~preimage.models.caffe.CaffeLRN`), in fp32 or bf16 (fp32 arithmetic), NCHW or
+  channels-last, one pass each way where torch's form made about six;
 * :func:`dsift_normalize` / :func:`dsift_normalize_backward` -- DSIFT's descriptor normalization
   in plain arithmetic (the optimization's DSIFT, ``vlfeat_rounding=False``), a frame at a time,
   where torch makes a dozen passes over strided ``(n, 128, F)`` views each way.
