@@ -389,9 +389,18 @@ def pool_layout(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pad
     """``x``'s layout for :func:`max_pool`: False for NCHW, True for channels-last, None where
     the kernels do not apply (not a dense, non-empty fp32 / bf16 CPU tensor of 4 dimensions,
     windows over 255 pixels, no library)."""
+    if kernel[0] * kernel[1] > 255 or min(*kernel, *stride) < 1 or min(pad) < 0:
+        return None
+    return _map_layout(x)
+
+
+def _map_layout(x: Tensor) -> bool | None:
+    """A feature map's layout for the kernels that take one (:func:`max_pool`, :func:`lrn`):
+    False for NCHW, True for channels-last, None where they do not apply (not a dense, non-empty
+    fp32 / bf16 CPU tensor of 4 dimensions, no library)."""
     if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not x.numel():
         return None
-    if kernel[0] * kernel[1] > 255 or min(*kernel, *stride) < 1 or min(pad) < 0 or library(quiet=True) is None:
+    if library(quiet=True) is None:
         return None
     if x.is_contiguous():
         return False
@@ -445,16 +454,8 @@ def max_pool_backward(gy: Tensor, idx: Tensor, in_shape: tuple[int, ...], kernel
 
 
 def lrn_layout(x: Tensor) -> bool | None:
-    """``x``'s layout for :func:`lrn`: False for NCHW, True for channels-last, None where the
-    kernels do not apply (not a dense, non-empty fp32 / bf16 CPU tensor of 4 dimensions, no
-    library)."""
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not x.numel():
-        return None
-    if library(quiet=True) is None:
-        return None
-    if x.is_contiguous():
-        return False
-    return True if x.is_contiguous(memory_format=torch.channels_last) else None
+    """``x``'s layout for :func:`lrn` (:func:`_map_layout`: None where the kernels do not apply)."""
+    return _map_layout(x)
 
 
 def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float, grad: Tensor | None = None) -> Tensor | None:
