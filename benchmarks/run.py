@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from preimage import graphs
 from preimage.allocator import keep_freed_memory
 from preimage.defaults import PAPER
 from preimage.engine import Stage, Trace, optimize
@@ -263,6 +264,8 @@ def time_engine(rep: Representation, loss: L2Loss, size: int, batch: int, warmup
         synchronize(device)
         stamps[t] = time.perf_counter()
 
+    if device.type == "cuda":  # past the eager steps and the record of a CUDA-graph step (preimage.graphs)
+        warmup = max(warmup, graphs.WARMUP + 2)
     every = 1 if device.type == "cpu" else math.gcd(warmup, iters)
     trace = optimize(rep, loss, (size, size), list(range(batch)), PAPER, [Stage(warmup + iters)], device=device,
                      callback=stamp, callback_every=every, batch_size=batch, compile=compile)
@@ -386,6 +389,8 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "compiled": trace.compiled,  # the step ran fused (C kernels on CPU, else torch.compile)
         "quadratic": trace.quadratic,  # the loss came from AᵀA: Φ itself never ran (representations/affine.py)
         "compile_option": opts.compile,  # True / False as asked, None: the engine's default
+        "graphed": trace.graphed,  # CUDA: the timed steps were replays of a recorded CUDA graph
+        "graph_option": getattr(opts, "graph", None),  # --graph / --no-graph; None: the default (on for CUDA)
         "warmup": warmup,
         "iterations_timed": iters,
         "engine_s_per_img_iter": engine * per_img,
@@ -611,6 +616,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="engine with compile=True (preimage.fused: C kernels on the CPU, torch.compile on CUDA; "
                         "compilation happens in the warm-up) or, --no-compile, False (plain PyTorch operations); "
                         "default: the engine's default (fused on the CPU where the C kernels build)")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: record the engine step as a CUDA graph and replay it (preimage.graphs; the default) "
+                        "or, --no-graph, launch every step from Python (sets PREIMAGE_CUDA_GRAPHS for the run)")
     p.add_argument("--full", action="store_true", help="really run the 350-iteration inversion for CNNs too")
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, batch 1, early layers, fp32")
     p.add_argument("--peak-size", type=int, help="side of the peak matrix product (default 4096; --quick: 1024)")
@@ -658,6 +666,8 @@ def child_argv(case: Case, opts: argparse.Namespace) -> list[str]:
         argv.append("--full")
     if opts.compile is not None:
         argv.append("--compile" if opts.compile else "--no-compile")
+    if opts.graph is not None:
+        argv.append("--graph" if opts.graph else "--no-graph")
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     if opts.random_squeezenet:
@@ -699,6 +709,8 @@ def run_here(case: Case, opts: argparse.Namespace) -> Record:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = apply_defaults(parse_args(argv))
+    if opts.graph is not None:  # what optimize() does unless told: the engine and the full inversion alike
+        os.environ["PREIMAGE_CUDA_GRAPHS"] = "1" if opts.graph else "0"
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.device == "cuda" and not torch.cuda.is_available():

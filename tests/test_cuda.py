@@ -198,3 +198,78 @@ def test_jitter_crop_on_cuda_is_one_gather_with_the_cpu_values():
         results.append((crop.detach().cpu(), c.grad.cpu()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-6)
+
+
+def _graph_and_eager(rep, loss, size, seeds, stages, **kwargs):
+    runs = {}
+    for graph in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed record (or compile) warns: fail instead
+            runs[graph] = optimize(rep, loss, size, seeds, PAPER, stages, device="cuda", graph=graph, **kwargs)
+    return runs[True], runs[False]
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_recorded_hog_step_follows_the_eager_one(compile):
+    """The CUDA-graph step (preimage.graphs) replays the eager step's arithmetic: same energies,
+    same image, across a stage change (a new step size: a new record) and the central crop."""
+    rep = make_representation("hog").to("cuda")
+    with torch.no_grad():
+        target = rep(rep.preprocess(photo("coffee", 64)[None].cuda())).float()
+    loss = L2Loss(target.expand(3, *target.shape[1:]).contiguous())
+    stages = [Stage(12), Stage(8, lr_factor=0.1, jitter=False)]
+    graphed, eager = _graph_and_eager(rep, loss, (64, 64), [0, 1, 2], stages, compile=compile)
+    assert graphed.graphed and not eager.graphed and graphed.compiled == eager.compiled == compile
+    for term in ("loss", "bounded_range", "tv", "total"):
+        torch.testing.assert_close(graphed.energy[term], eager.energy[term], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(graphed.x, eager.x, rtol=0, atol=1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), reason="this GPU has no bf16")
+@pytest.mark.parametrize("model,layer", [("alexnet", "conv3"), ("vgg-m", "conv1"), ("squeezenet", "fire3/concat")])
+def test_recorded_cnn_step_follows_the_eager_one(model, layer, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    if model == "squeezenet":  # random weights, from the benchmark suite's prototxt
+        import importlib.util
+        import sys
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location("preimage_bench", Path(__file__).parents[1] / "benchmarks" / "run.py")
+        bench = sys.modules["preimage_bench"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        (tmp_path / "deploy.prototxt").write_text(bench.squeezenet_prototxt())
+        model = tmp_path / "deploy.prototxt"
+    rep = load_model(model).representation(layer, precision="bf16").to("cuda")
+    x0 = rep.preprocess(torch.stack([photo("astronaut", 227), photo("chelsea", 227)])).cuda()
+    with torch.no_grad():
+        target = rep(x0).float()
+    stages = [Stage(10), Stage(6, lr_factor=0.1)]
+    graphed, eager = _graph_and_eager(rep, L2Loss(target), (227, 227), [0, 1], stages, compile=True)
+    assert graphed.graphed and not eager.graphed
+    torch.testing.assert_close(graphed.energy["total"], eager.energy["total"], rtol=1e-3, atol=1e-6)
+    assert relative(graphed.x, eager.x) < 1e-3
+
+
+def test_a_step_cuda_cannot_record_runs_eagerly_with_one_warning(monkeypatch):
+    """A Φ that reads a value back to the host mid-step cannot be recorded: the run warns once and
+    finishes eagerly, with the eager run's results."""
+    from preimage import graphs
+    from preimage.representations.cnn import ModuleCut
+
+    class HostRead(torch.nn.Module):
+        def forward(self, x):
+            return x * (1.0 + 0.0 * float(x.detach().abs().max()))  # a host synchronization
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), HostRead()).cuda()
+    rep = ModuleCut(net, "2", mean=(0, 0, 0), std=(1, 1, 1))
+    with torch.no_grad():
+        target = rep(torch.rand(2, 3, 24, 24, device="cuda") * 100)
+    stages = [Stage(8)]
+    monkeypatch.setattr(graphs, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="could not be recorded as a CUDA graph"):
+        tried = optimize(rep, L2Loss(target), (24, 24), [0, 1], PAPER, stages, device="cuda", graph=True)
+    eager = optimize(rep, L2Loss(target), (24, 24), [0, 1], PAPER, stages, device="cuda", graph=False)
+    assert not tried.graphed
+    torch.testing.assert_close(tried.energy["total"], eager.energy["total"], rtol=1e-5, atol=1e-6)
+    x = torch.ones(4, device="cuda")
+    assert (x + 1).sum().item() == 8  # the device still works after the failed record

@@ -236,3 +236,14 @@ def test_each_seed_jitters_by_its_own_draws_step_by_step(monkeypatch: pytest.Mon
         for _ in range(stage):
             expected.append([torch.randint(0, 4, (2,), generator=g).tolist() for g in gens] if jitter else [[1, 1], [1, 1]])
     assert seen == expected
+
+
+def test_cuda_graphs_are_wanted_on_cuda_only_unless_turned_off(monkeypatch):
+    from preimage import graphs
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("PREIMAGE_CUDA_GRAPHS", raising=False)
+    assert graphs.wanted(None, cuda) and graphs.wanted(True, cuda) and not graphs.wanted(False, cuda)
+    assert not graphs.wanted(None, cpu) and not graphs.wanted(True, cpu)
+    monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
+    assert not graphs.wanted(None, cuda) and graphs.wanted(True, cuda)

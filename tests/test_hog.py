@@ -292,3 +292,25 @@ def test_errors() -> None:
         hog(torch.rand(1, 1, 3, 32), cell_size=8)  # no cell fits: (3 + 4) // 8 == 0
     with pytest.raises(RepresentationError):
         to_vlfeat_layout(torch.rand(31, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["hog", "hogb"])
+def test_rescanning_every_pixel_gives_the_same_code(name, monkeypatch):
+    """Off the CPU the orientation rescan runs on every pixel (no host synchronization, for CUDA
+    graphs) and is taken where ambiguous: bit for bit the code of the numpy-found subset."""
+    from preimage.representations import hog as hog_module
+    from preimage.representations import make_representation
+
+    from .conftest import photo as rgb_photo
+
+    rep = make_representation(name)
+    x = rep.preprocess(torch.stack([rgb_photo("astronaut", 64), rgb_photo("coffee", 64)]))
+    x[:, :, 20:30, 20:30] = 0.0  # null gradients, left out of the rescan
+    x[:, :, 40:, 40:] = x[:, :, 40:, 40:].round()  # integer images: many exact ties between bins
+    subset = rep(x)
+    monkeypatch.setattr(hog_module, "_rescan_every_pixel", lambda device: True)
+    every = rep(x)
+    assert torch.equal(every, subset)
+    scan = hog_module._exact_slots  # the input has ambiguous pixels: a wrong rescan shows
+    monkeypatch.setattr(hog_module, "_exact_slots", lambda gx, gy, k: tuple((t + 1) % (2 * k) for t in scan(gx, gy, k)))
+    assert not torch.equal(rep(x), subset)

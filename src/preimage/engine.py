@@ -19,12 +19,13 @@ canvas-sized gradient is written.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from . import fused
+from . import fused, graphs
 from .allocator import keep_freed_memory
 from .defaults import Settings
 from .objectives import BoundedRange, TotalVariation, WindowGradient, jitter_crop
@@ -63,6 +64,7 @@ class Trace:
     compiled: bool = False  # whether the fused compiled step ran (preimage.fused)
     batch_size: int = 0  # elements optimized together (optimize's chunk size)
     quadratic: bool = False  # the data term came from AᵀA, Φ never computed (representations/affine.py)
+    graphed: bool = False  # the steps after the warm-up were replayed from a CUDA graph (preimage.graphs)
 
 
 def representation_device(representation: Representation) -> torch.device:
@@ -187,6 +189,7 @@ def optimize(
     callback_every: int = 10,
     batch_size: int | None = None,
     compile: bool | None = None,
+    graph: bool | None = None,
 ) -> Trace:
     """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for ``len(seeds)`` elements.
 
@@ -203,7 +206,7 @@ def optimize(
         batch_size = auto_batch_size(representation, size, dev)
     if batch_size is None or N <= batch_size or not hasattr(loss, "select"):
         return optimize_batch(representation, loss, size, seeds, settings, stages, init, dev, callback, callback_every,
-                              compile)
+                              compile, graph)
     total = sum(s.iterations for s in stages)
     starts = list(range(0, N, batch_size))
     traces = []
@@ -214,7 +217,7 @@ def optimize(
             def cb(t: int, _total: int, e: dict[str, float], k: int = k) -> None:
                 callback(k * total + t, len(starts) * total, e)
         traces.append(optimize_batch(representation, loss.select(part), size, seeds[part], settings, stages,  # type: ignore[attr-defined]
-                                     init[part] if init is not None else None, dev, cb, callback_every, compile))
+                                     init[part] if init is not None else None, dev, cb, callback_every, compile, graph))
     return Trace(
         x=torch.cat([tr.x for tr in traces]),
         energy={k: torch.cat([tr.energy[k] for tr in traces], dim=1) for k in traces[0].energy},
@@ -223,6 +226,7 @@ def optimize(
         compiled=all(tr.compiled for tr in traces),
         batch_size=batch_size,
         quadratic=all(tr.quadratic for tr in traces),
+        graphed=all(tr.graphed for tr in traces),
     )
 
 
@@ -260,6 +264,7 @@ def optimize_batch(
     callback: Callback | None = None,
     callback_every: int = 10,
     compile: bool | None = None,
+    graph: bool | None = None,
 ) -> Trace:
     """Minimize ``R_alpha(x) + R_TV(x) + C * loss(Φ(jitter(x)))`` for a batch of ``len(seeds)``
     in one tensor.
@@ -285,6 +290,9 @@ def optimize_batch(
             ``torch.compile``'s elsewhere.  Same results up to float rounding.  None: the process
             default (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``), else on for the
             CPU when the C kernels are available.  False: plain PyTorch operations.
+        graph: on CUDA, record each stage's step as a CUDA graph after a few eager iterations
+            and replay it (:mod:`preimage.graphs`; same results).  None: on unless
+            ``PREIMAGE_CUDA_GRAPHS=0``.  Ignored off CUDA.
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
@@ -330,63 +338,87 @@ def optimize_batch(
     constants = dict(alpha=bounded.alpha, B=bounded.B, B_plus=bounded.B_plus, V=tv.V,
                      lambda_alpha=settings.lambda_alpha, lambda_tv=settings.lambda_tv, rho=settings.momentum)
 
+    def run_step(offsets: Tensor) -> Tensor:
+        """One iteration at these jitter ``offsets``: the step's ``(4, N)`` energies at ``x``
+        before it (:data:`ENERGY_TERMS`); ``x``, ``G`` and ``mu`` updated in place."""
+        nonlocal compiled
+        x.grad = None
+        window = None  # the data term's gradient left in the windows, for the fused step to read
+        if quadratic is not None:  # Φ never computed: the same loss and gradient from AᵀA (affine.py)
+            with torch.no_grad():  # the jitter crop folded in: no copy of the windows either way
+                e_loss, grad = quadratic.value_and_grad(x.detach(), weight=settings.C, offsets=offsets,
+                                                        window=compiled)
+            if isinstance(grad, WindowGradient):
+                window = grad
+            else:
+                x.grad = grad
+        else:  # the data term through Φ; the regularizers below in closed form
+            direct = one_conv(x.detach(), offsets, (H, W), value_and_grad, settings.C) \
+                if one_conv is not None and compiled else None
+            if direct is not None:
+                e_loss, window = direct
+            else:
+                e_loss, window = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W),
+                                            settings.C, compile_loss, in_windows=compiled)
+        with torch.no_grad():
+            if window is None and x.grad is None:  # a loss that does not depend on x (C = 0)
+                x.grad = torch.zeros_like(x)
+            regs = None
+            if compiled:  # regularizers + Algorithm 1 + projection in one kernel (fused.py)
+                regs = fused.step(x.detach(), window if window is not None else x.grad, state["G"], state["mu"],
+                                  opt.param_groups[0]["lr"], constants)
+                compiled = regs is not None  # None: compilation failed, eager from now on
+            if regs is None and window is not None:
+                x.grad = window.canvas(x.shape)
+            if regs is None:
+                e_range, _ = bounded.value_and_grad(x, into=x.grad, weight=settings.lambda_alpha)
+                e_tv, _ = tv.value_and_grad(x, into=x.grad, weight=settings.lambda_tv)
+            else:
+                e_range, e_tv = regs
+            e_range, e_tv = settings.lambda_alpha * e_range, settings.lambda_tv * e_tv
+            e_total = e_loss.detach() + e_range + e_tv
+        if regs is None:
+            opt.step()
+        return torch.stack([e_loss.detach(), e_range, e_tv, e_total]).float()
+
     total = sum(s.iterations for s in stages)
     energy = torch.zeros(total, len(ENERGY_TERMS), N, device=device)
     centre_off = torch.full((N, 2), centre, dtype=torch.long)
+    recording = graphs.wanted(graph, device)  # CUDA: each stage's step recorded once, then replayed
+    pool = None
+    replayed = False  # whether any step was replayed
     t = 0
     for stage in stages:
         opt.set_lr(lr * stage.lr_factor)
         jittered = stage.jitter and T > 1  # the stage's shifts drawn at once: the same numbers as step by step
         shifts = torch.stack([torch.randint(0, T, (stage.iterations, 2), generator=g) for g in gens], 1) \
-            if jittered else None
+            if jittered else centre_off.expand(stage.iterations, N, 2)
+        if recording:  # offsets read on the device, never looked at by the host
+            shifts = shifts.to(device)
+        replay = None
+        side = graphs.side_stream(device) if recording else None
         for i in range(stage.iterations):
-            offsets = shifts[i] if shifts is not None else centre_off
-            x.grad = None
-            window = None  # the data term's gradient left in the windows, for the fused step to read
-            if quadratic is not None:  # Φ never computed: the same loss and gradient from AᵀA (affine.py)
-                with torch.no_grad():  # the jitter crop folded in: no copy of the windows either way
-                    e_loss, grad = quadratic.value_and_grad(x.detach(), weight=settings.C, offsets=offsets,
-                                                            window=compiled)
-                if isinstance(grad, WindowGradient):
-                    window = grad
+            offsets = shifts[i]
+            if replay is None and recording and graphs.WARMUP <= i < stage.iterations - 1:
+                torch.cuda.current_stream(device).wait_stream(side)
+                was = compiled
+                replay = graphs.record(run_step, offsets, pool)
+                if replay is None or compiled != was:  # a step that changed its path while recorded: eager
+                    replay, recording = None, False
                 else:
-                    x.grad = grad
-            else:  # the data term through Φ; the regularizers below in closed form
-                direct = one_conv(x.detach(), offsets, (H, W), value_and_grad, settings.C) \
-                    if one_conv is not None and compiled else None
-                if direct is not None:
-                    e_loss, window = direct
-                else:
-                    e_loss, window = _data_term(phi, encode_crops, loss, value_and_grad, x, offsets, (H, W),
-                                                settings.C, compile_loss, in_windows=compiled)
-            with torch.no_grad():
-                if window is None and x.grad is None:  # a loss that does not depend on x (C = 0)
-                    x.grad = torch.zeros_like(x)
-                regs = None
-                if compiled:  # regularizers + Algorithm 1 + projection in one kernel (fused.py)
-                    regs = fused.step(x.detach(), window if window is not None else x.grad, state["G"], state["mu"],
-                                      opt.param_groups[0]["lr"], constants)
-                    compiled = regs is not None  # None: compilation failed, eager from now on
-                if regs is None and window is not None:
-                    x.grad = window.canvas(x.shape)
-                if regs is None:
-                    e_range, _ = bounded.value_and_grad(x, into=x.grad, weight=settings.lambda_alpha)
-                    e_tv, _ = tv.value_and_grad(x, into=x.grad, weight=settings.lambda_tv)
-                else:
-                    e_range, e_tv = regs
-                e_range, e_tv = settings.lambda_alpha * e_range, settings.lambda_tv * e_tv
-                e_total = e_loss.detach() + e_range + e_tv
-            if regs is None:
-                opt.step()
-            with torch.no_grad():
-                energy[t] = torch.stack([e_loss, e_range, e_tv, e_total]).detach().float()
-            t += 1
-            if t % callback_every == 0 or t == total:
-                means = energy[t - 1].mean(1).tolist()
-                if not all(torch.isfinite(torch.tensor(means))):
-                    raise PreimageError(f"the energy became NaN or infinite at iteration {t}")
-                if callback is not None:
-                    callback(t, total, dict(zip(ENERGY_TERMS, means)))
+                    pool, replayed = replay.pool(), True
+            warming = recording and replay is None  # eager on the side stream until recorded
+            with torch.cuda.stream(side) if warming else nullcontext():
+                energy[t] = replay(offsets) if replay is not None else run_step(offsets)
+                t += 1
+                if t % callback_every == 0 or t == total:
+                    means = energy[t - 1].mean(1).tolist()
+                    if not all(torch.isfinite(torch.tensor(means))):
+                        raise PreimageError(f"the energy became NaN or infinite at iteration {t}")
+                    if callback is not None:
+                        callback(t, total, dict(zip(ENERGY_TERMS, means)))
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
 
     final = x.detach()[:, :, centre : centre + H, centre : centre + W].clone()
     if not torch.isfinite(final).all():
@@ -400,4 +432,5 @@ def optimize_batch(
         compiled=compiled,
         batch_size=N,
         quadratic=quadratic is not None,
+        graphed=replayed,
     )

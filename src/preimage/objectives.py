@@ -425,20 +425,24 @@ class _GatherCrop(torch.autograd.Function):
 def gather_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int]) -> Tensor:
     """:func:`jitter_crop` as one indexed gather (what it does on CUDA; see :class:`_GatherCrop`)."""
     H, W = size
-    rows = (offsets[:, :1].long() + torch.arange(H)).to(canvas.device, non_blocking=True)
-    cols = (offsets[:, 1:].long() + torch.arange(W)).to(canvas.device, non_blocking=True)
+    rows = (offsets[:, :1].long() + torch.arange(H, device=offsets.device)).to(canvas.device, non_blocking=True)
+    cols = (offsets[:, 1:].long() + torch.arange(W, device=offsets.device)).to(canvas.device, non_blocking=True)
     return _GatherCrop.apply(canvas, rows, cols)
 
 
 def jitter_crop(canvas: Tensor, offsets: Tensor, size: tuple[int, int]) -> Tensor:
     """``jitter(x; tau)`` of eq. (7): crop ``size`` from ``canvas`` at per-element ``offsets``.
 
-    ``canvas`` is ``(N, C, H + T - 1, W + T - 1)`` and ``offsets`` ``(N, 2)`` (on the CPU) holds
+    ``canvas`` is ``(N, C, H + T - 1, W + T - 1)`` and ``offsets`` ``(N, 2)`` holds
     ``(tau_2, tau_1)`` (row, column) in ``[0, T - 1]``.  Differentiable w.r.t. ``canvas``.
     One copy per element on the CPU; one gather on other devices, where each copy is a kernel
-    launch (an H200 at batch 128 spent ~6 ms of CPU time per step launching them).
+    launch (an H200 at batch 128 spent ~6 ms of CPU time per step launching them).  Offsets
+    on a GPU (the recorded CUDA-graph step, :mod:`preimage.graphs`) always take the gather:
+    the host never reads them.
     """
     H, W = size
+    if offsets.device.type != "cpu":
+        return gather_crop(canvas, offsets, size)
     if bool((offsets == offsets[:1]).all()):
         r, c = int(offsets[0, 0]), int(offsets[0, 1])
         return canvas[:, :, r : r + H, c : c + W]

@@ -334,6 +334,14 @@ def _atan2(y: Tensor, x: Tensor) -> Tensor:
     return torch.atan2(y, x)
 
 
+def _rescan_every_pixel(device: torch.device) -> bool:
+    """Whether :func:`_orientations` rescans every pixel (libvl's scan, :func:`_exact_slots`)
+    and takes the scan where the angle is ambiguous: off the CPU, where finding the few
+    ambiguous pixels (``nonzero``) makes the host wait for the device and a step could not be
+    recorded as a CUDA graph (:mod:`preimage.graphs`).  The same values either way."""
+    return device.type != "cpu"
+
+
 def _indices_above(values: Tensor, threshold: float, positive: Tensor | None = None) -> Tensor:
     """Flat indices of the entries of ``values`` above ``threshold`` (and where ``positive``
     is positive), with numpy on CPU, where ``torch.nonzero`` and torch's comparisons are
@@ -490,14 +498,24 @@ def _orientations(gx: Tensor, gy: Tensor, g2: Tensor, k_or: int, bilinear: bool)
         side = offset.sign_()  # side of the best centre where the angle lies
         # near a boundary (|offset| ~ 0.5) or a centre (|offset| ~ 0): | |offset| - 1/4 | ~ 1/4;
         # null gradients, whose bins do not matter, are left out
-        subset = _indices_above(distance.sub_(0.25).abs_(), 0.25 - _AMBIGUITY, g2)
+        nearness, threshold, positive = distance.sub_(0.25).abs_(), 0.25 - _AMBIGUITY, g2
     else:
-        subset = _indices_above(distance, 0.5 - _AMBIGUITY)
-    if subset.numel() > 0:
-        exact_slot, exact_side = _exact_slots(gx.view(-1)[subset], gy.view(-1)[subset], k_or)
-        slot.view(-1).index_copy_(0, subset, exact_slot)
+        nearness, threshold, positive = distance, 0.5 - _AMBIGUITY, None
+    if not _rescan_every_pixel(gx.device):  # the few ambiguous pixels, found by numpy, rescanned
+        subset = _indices_above(nearness, threshold, positive)
+        if subset.numel() > 0:
+            exact_slot, exact_side = _exact_slots(gx.view(-1)[subset], gy.view(-1)[subset], k_or)
+            slot.view(-1).index_copy_(0, subset, exact_slot)
+            if bilinear and k_or > 1:
+                side.view(-1).index_copy_(0, subset, exact_side)
+    else:  # every pixel rescanned, the scan taken where ambiguous: the same values, no host sync
+        ambiguous = nearness > threshold
+        if positive is not None:
+            ambiguous &= positive > 0
+        exact_slot, exact_side = _exact_slots(gx.reshape(-1), gy.reshape(-1), k_or)
+        slot.copy_(torch.where(ambiguous, exact_slot.view_as(slot), slot))
         if bilinear and k_or > 1:
-            side.view(-1).index_copy_(0, subset, exact_side)
+            side.copy_(torch.where(ambiguous, exact_side.view_as(side), side))
     slot_index = slot.to(torch.int32)
     if not bilinear:
         return _Orientations(slot_index, magnitude, None, None, None, None)

@@ -1,0 +1,94 @@
+"""The engine step recorded as a CUDA graph and replayed (issue 5; GPUs only).
+
+On a GPU a step's kernels are short, and at small batches the GPU waits on Python: an H200
+finished AlexNet conv1's bare forward + backward at batch 16 in 0.5 ms while the whole engine
+step took 2.1 ms, Python launching the crop, the loss kernel, autograd's backward and the fused
+update one by one (benchmarks/README.md, "GPU").  A CUDA graph records one step's kernels once
+and replays them with one launch.
+
+The engine (:func:`preimage.engine.optimize_batch`) runs the first :data:`WARMUP` iterations of
+each stage eagerly, on a side stream as CUDA graphs want (they compile the fused kernels, let
+cuDNN choose its algorithms and make every cached constant: the stage's step size, the loss's
+scale), then records the next iteration and replays that record for the rest of the stage.
+Everything the step reads or writes in place (the canvas, Algorithm 1's ``G`` and ``mu``)
+stays at one address; the jitter offsets of each iteration are copied into a fixed device
+tensor before its replay.  One record per stage: the step size is part of it.  Same
+arithmetic, same results as the eager step (``tests/test_cuda.py``).
+
+Where recording fails (a representation that reads a value back to the host inside Φ, an
+operation CUDA graphs refuse) the engine warns once per process and goes on eagerly.  Off for
+a call with ``optimize(..., graph=False)``, for the process with ``PREIMAGE_CUDA_GRAPHS=0``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+WARMUP = 3
+"""Eager iterations at the start of every stage before its step is recorded."""
+
+_warned = False
+
+
+def wanted(graph: bool | None, device: torch.device) -> bool:
+    """Whether to record the step: ``graph`` if given, else on for CUDA unless
+    ``PREIMAGE_CUDA_GRAPHS`` says 0 / false / no / off.  Never off a CUDA device."""
+    if device.type != "cuda":
+        return False
+    if graph is not None:
+        return bool(graph)
+    return os.environ.get("PREIMAGE_CUDA_GRAPHS", "").strip().lower() not in ("0", "false", "no", "off")
+
+
+class RecordedStep:
+    """One recorded step: ``step(offsets)`` replays it for this iteration's ``(N, 2)`` device
+    offsets and returns its output (a tensor the next replay overwrites)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, offsets: Tensor, out: Tensor) -> None:
+        self.graph, self.offsets, self.out = graph, offsets, out
+
+    def __call__(self, offsets: Tensor) -> Tensor:
+        self.offsets.copy_(offsets)
+        self.graph.replay()
+        return self.out
+
+    def pool(self) -> object:
+        """The record's memory pool, for the next stage's record to share."""
+        return self.graph.pool()
+
+
+def record(step: Callable[[Tensor], Tensor], offsets: Tensor, pool: object | None = None) -> RecordedStep | None:
+    """Record ``step(offsets)`` (nothing runs: the first replay does the iteration); None, with
+    one warning for the process, if CUDA cannot record it."""
+    global _warned
+    static = offsets.clone()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = step(static)
+    except Exception as err:  # noqa: BLE001 - whatever Φ does that a graph cannot hold
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - the capture's own error again; the warning names the first
+            pass
+        while err.__context__ is not None and isinstance(err.__context__, Exception):
+            err = err.__context__  # the first failure, not the ended capture's complaint about it
+        if not _warned:
+            _warned = True
+            text = str(err).strip()
+            warnings.warn(f"the step could not be recorded as a CUDA graph, running eagerly: "
+                          f"{type(err).__name__}: {text.splitlines()[0] if text else ''}", RuntimeWarning, stacklevel=3)
+        return None
+    return RecordedStep(graph, static, out)
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream for the eager warm-up iterations, ordered after the current stream's work."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
