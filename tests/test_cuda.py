@@ -220,9 +220,13 @@ def test_recorded_hog_step_follows_the_eager_one(compile):
     stages = [Stage(12), Stage(8, lr_factor=0.1, jitter=False)]
     graphed, eager = _graph_and_eager(rep, loss, (64, 64), [0, 1, 2], stages, compile=compile)
     assert graphed.graphed and not eager.graphed and graphed.compiled == eager.compiled == compile
+    # HOG's index_add_ sums in no fixed order on CUDA, so two eager runs differ too, and a pixel
+    # near an orientation-bin boundary can go either way.  Measured on an H200 after 20 steps:
+    # eager against eager 2e-6 to 4e-4 (norm), graph against graph 3e-6, graph against eager
+    # 2e-6 to 3.4e-3 (1.3 % of pixels, by up to 0.3 of ~100), energies within 0.2 %.
     for term in ("loss", "bounded_range", "tv", "total"):
-        torch.testing.assert_close(graphed.energy[term], eager.energy[term], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(graphed.x, eager.x, rtol=0, atol=1e-2)
+        torch.testing.assert_close(graphed.energy[term], eager.energy[term], rtol=1e-2, atol=1e-6)
+    assert relative(graphed.x, eager.x) < 1e-2 and (graphed.x - eager.x).abs().max() < 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), reason="this GPU has no bf16")

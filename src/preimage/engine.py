@@ -385,7 +385,6 @@ def optimize_batch(
     energy = torch.zeros(total, len(ENERGY_TERMS), N, device=device)
     centre_off = torch.full((N, 2), centre, dtype=torch.long)
     recording = graphs.wanted(graph, device)  # CUDA: each stage's step recorded once, then replayed
-    pool = None
     replayed = False  # whether any step was replayed
     t = 0
     for stage in stages:
@@ -402,11 +401,11 @@ def optimize_batch(
             if replay is None and recording and graphs.WARMUP <= i < stage.iterations - 1:
                 torch.cuda.current_stream(device).wait_stream(side)
                 was = compiled
-                replay = graphs.record(run_step, offsets, pool)
+                replay = graphs.record(run_step, offsets)
                 if replay is None or compiled != was:  # a step that changed its path while recorded: eager
                     replay, recording = None, False
                 else:
-                    pool, replayed = replay.pool(), True
+                    replayed = True
             warming = recording and replay is None  # eager on the side stream until recorded
             with torch.cuda.stream(side) if warming else nullcontext():
                 energy[t] = replay(offsets) if replay is not None else run_step(offsets)
