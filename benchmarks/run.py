@@ -390,7 +390,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "quadratic": trace.quadratic,  # the loss came from AᵀA: Φ itself never ran (representations/affine.py)
         "compile_option": opts.compile,  # True / False as asked, None: the engine's default
         "graphed": trace.graphed,  # CUDA: the timed steps were replays of a recorded CUDA graph
-        "graph_option": getattr(opts, "graph", None),  # --graph / --no-graph; None: the default (on for CUDA)
+        "graph_option": getattr(opts, "graph", None),  # --graph / --no-graph; None: the default (batches <= 32)
         "warmup": warmup,
         "iterations_timed": iters,
         "engine_s_per_img_iter": engine * per_img,
@@ -617,8 +617,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "compilation happens in the warm-up) or, --no-compile, False (plain PyTorch operations); "
                         "default: the engine's default (fused on the CPU where the C kernels build)")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="CUDA: record the engine step as a CUDA graph and replay it (preimage.graphs; the default) "
-                        "or, --no-graph, launch every step from Python (sets PREIMAGE_CUDA_GRAPHS for the run)")
+                   help="CUDA: record the engine step as a CUDA graph and replay it at every batch size "
+                        "(preimage.graphs) or, --no-graph, launch every step from Python; default: recorded for "
+                        "batches up to preimage.graphs.MAX_BATCH (sets PREIMAGE_CUDA_GRAPHS for the run)")
     p.add_argument("--full", action="store_true", help="really run the 350-iteration inversion for CNNs too")
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, batch 1, early layers, fp32")
     p.add_argument("--peak-size", type=int, help="side of the peak matrix product (default 4096; --quick: 1024)")

@@ -238,12 +238,17 @@ def test_each_seed_jitters_by_its_own_draws_step_by_step(monkeypatch: pytest.Mon
     assert seen == expected
 
 
-def test_cuda_graphs_are_wanted_on_cuda_only_unless_turned_off(monkeypatch):
+def test_cuda_graphs_are_wanted_on_cuda_for_small_batches_unless_told(monkeypatch):
     from preimage import graphs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big = graphs.MAX_BATCH + 1
     monkeypatch.delenv("PREIMAGE_CUDA_GRAPHS", raising=False)
-    assert graphs.wanted(None, cuda) and graphs.wanted(True, cuda) and not graphs.wanted(False, cuda)
-    assert not graphs.wanted(None, cpu) and not graphs.wanted(True, cpu)
+    assert graphs.wanted(None, cuda, 1) and graphs.wanted(None, cuda, graphs.MAX_BATCH)
+    assert not graphs.wanted(None, cuda, big) and graphs.wanted(True, cuda, big)
+    assert not graphs.wanted(False, cuda, 1)
+    assert not graphs.wanted(None, cpu, 1) and not graphs.wanted(True, cpu, 1)
     monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
-    assert not graphs.wanted(None, cuda) and graphs.wanted(True, cuda)
+    assert not graphs.wanted(None, cuda, 1) and graphs.wanted(True, cuda, 1)
+    monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "on")
+    assert graphs.wanted(None, cuda, big) and not graphs.wanted(False, cuda, big)

@@ -291,8 +291,8 @@ def optimize_batch(
             default (:func:`preimage.fused.set_default`, ``PREIMAGE_COMPILE``), else on for the
             CPU when the C kernels are available.  False: plain PyTorch operations.
         graph: on CUDA, record each stage's step as a CUDA graph after a few eager iterations
-            and replay it (:mod:`preimage.graphs`; same results).  None: on unless
-            ``PREIMAGE_CUDA_GRAPHS=0``.  Ignored off CUDA.
+            and replay it (:mod:`preimage.graphs`; same results).  None: ``PREIMAGE_CUDA_GRAPHS``
+            if set, else for batches of up to :data:`preimage.graphs.MAX_BATCH`.  Ignored off CUDA.
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
@@ -384,7 +384,7 @@ def optimize_batch(
     total = sum(s.iterations for s in stages)
     energy = torch.zeros(total, len(ENERGY_TERMS), N, device=device)
     centre_off = torch.full((N, 2), centre, dtype=torch.long)
-    recording = graphs.wanted(graph, device)  # CUDA: each stage's step recorded once, then replayed
+    recording = graphs.wanted(graph, device, N)  # CUDA: each stage's step recorded once, then replayed
     replayed = False  # whether any step was replayed
     t = 0
     for stage in stages:

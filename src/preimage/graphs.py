@@ -17,12 +17,13 @@ arithmetic, same results as the eager step (``tests/test_cuda.py``; HOG's CUDA `
 is not deterministic, eager or recorded).
 
 Measured on an H200 (benchmarks/README.md, "CUDA graphs"): the engine step 3-14x faster per
-image at batch 1 and 1.2-10x at batch 16 (HOG 160² at batch 16: 0.61 -> 0.06 ms per image;
-AlexNet conv3 in bf16: 0.22 -> 0.06), no gain at batch 128, where the GPU is the bottleneck.
+image at batch 1 and 1.0-10x at batch 16 (HOG 160² at batch 16: 0.61 -> 0.06 ms per image;
+AlexNet conv3 in bf16: 0.22 -> 0.06; VGG-VD-16 conv3_3 and fc8, already GPU-bound: no change).
 
 Where recording fails (a representation that reads a value back to the host inside Φ, an
-operation CUDA graphs refuse) the engine warns once per process and goes on eagerly.  Off for
-a call with ``optimize(..., graph=False)``, for the process with ``PREIMAGE_CUDA_GRAPHS=0``.
+operation CUDA graphs refuse) the engine warns once per process and goes on eagerly.  By
+default only batches of up to :data:`MAX_BATCH` are recorded; ``optimize(..., graph=True /
+False)`` decides for a call, ``PREIMAGE_CUDA_GRAPHS=1`` / ``0`` for the process.
 """
 
 from __future__ import annotations
@@ -40,14 +41,26 @@ WARMUP = 3
 _warned = False
 
 
-def wanted(graph: bool | None, device: torch.device) -> bool:
-    """Whether to record the step: ``graph`` if given, else on for CUDA unless
-    ``PREIMAGE_CUDA_GRAPHS`` says 0 / false / no / off.  Never off a CUDA device."""
+MAX_BATCH = 32
+"""The largest batch recorded by default.  Measured on an H200 in bf16: recording made the step
+1.2-10x faster per image at batch 16 (the GPU waits on Python), and 8-22 % slower at batch 128
+on first layers (the GPU is the bottleneck there; SqueezeNet conv1, AlexNet conv1, VGG-VD-16
+conv1_1, interleaved runs).  32 is between the two, where AlexNet conv1's step still costs less
+GPU time than Python takes to launch it."""
+
+
+def wanted(graph: bool | None, device: torch.device, batch: int = 1) -> bool:
+    """Whether to record the step of a ``batch``: ``graph`` if given; else what
+    ``PREIMAGE_CUDA_GRAPHS`` says (0 / false / no / off: never; 1 / true / yes / on: always);
+    else for batches of at most :data:`MAX_BATCH`.  Never off a CUDA device."""
     if device.type != "cuda":
         return False
     if graph is not None:
         return bool(graph)
-    return os.environ.get("PREIMAGE_CUDA_GRAPHS", "").strip().lower() not in ("0", "false", "no", "off")
+    said = os.environ.get("PREIMAGE_CUDA_GRAPHS", "").strip().lower()
+    if said in ("0", "false", "no", "off"):
+        return False
+    return said in ("1", "true", "yes", "on") or batch <= MAX_BATCH
 
 
 class RecordedStep:
