@@ -390,7 +390,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "quadratic": trace.quadratic,  # the loss came from AᵀA: Φ itself never ran (representations/affine.py)
         "compile_option": opts.compile,  # True / False as asked, None: the engine's default
         "graphed": trace.graphed,  # CUDA: the timed steps were replays of a recorded CUDA graph
-        "graph_option": getattr(opts, "graph", None),  # --graph / --no-graph; None: the default (batches <= 32)
+        "graph_option": opts.graph,  # --graph / --no-graph; None: the default (batches <= 32)
         "warmup": warmup,
         "iterations_timed": iters,
         "engine_s_per_img_iter": engine * per_img,

@@ -343,18 +343,14 @@ def _rescan_every_pixel(device: torch.device) -> bool:
 
 
 def _indices_above(values: Tensor, threshold: float, positive: Tensor | None = None) -> Tensor:
-    """Flat indices of the entries of ``values`` above ``threshold`` (and where ``positive``
-    is positive), with numpy on CPU, where ``torch.nonzero`` and torch's comparisons are
-    several times slower."""
-    if values.device.type == "cpu":
-        mask = values.numpy() > threshold
-        if positive is not None:
-            mask &= positive.numpy() > 0
-        return torch.from_numpy(np.flatnonzero(mask))
-    mask = values > threshold
+    """Flat indices of the entries of the CPU tensor ``values`` above ``threshold`` (and where
+    ``positive`` is positive), with numpy, where ``torch.nonzero`` and torch's comparisons are
+    several times slower (off the CPU :func:`_orientations` needs no indices:
+    :func:`_rescan_every_pixel`)."""
+    mask = values.numpy() > threshold
     if positive is not None:
-        mask &= positive > 0
-    return mask.view(-1).nonzero()[:, 0]
+        mask &= positive.numpy() > 0
+    return torch.from_numpy(np.flatnonzero(mask))
 
 
 # --------------------------------------------------------------------------------------------
