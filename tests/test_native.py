@@ -242,6 +242,45 @@ def test_any_representation_crops_in_c_as_it_would_in_torch(name: str, monkeypat
 
 
 @needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("config", [
+    dict(size=(41, 53), cell_size=8),  # plain HOG with HOGb's surrogate gradient: both codes pooled
+    dict(size=(41, 53), cell_size=8, bilinear_orientations=True),
+    dict(size=(30, 23), cell_size=4, surrogate_gradient=False, color=True),
+    dict(size=(17, 40), cell_size=5, num_orientations=1, bilinear_orientations=True),
+    dict(size=(3, 9), cell_size=3, num_orientations=4),
+], ids=["hog-surrogate", "hogb", "hog-exact-colour", "hogb-k1", "3x9"])
+def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOG's spatial pooling and its transpose in C (native.hog_pool, hog_pool_backward): HOG's
+    and HOGb's codes and image gradients are those of the PyTorch pooling up to float rounding
+    (the sums run in another order), for one and two pooled terms, odd sizes, thread counts that
+    split images and rows, and images of one interior row."""
+    from preimage.representations.hog import HOG
+
+    calls = []
+    for name in ("hog_pool", "hog_pool_backward"):
+        monkeypatch.setattr(native, name, lambda *a, real=getattr(native, name), name=name: calls.append(name)
+                            or real(*a))
+    torch.manual_seed(0)
+    settings = dict(config)
+    size = settings.pop("size")
+    rep = HOG(**settings)
+    x = torch.rand(3, rep.in_channels, *size) * 255
+    results = []
+    for use in ("0", "1"):
+        monkeypatch.setenv("PREIMAGE_NATIVE", use)
+        image = x.clone().requires_grad_()
+        code = rep(image)
+        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code))
+        results.append((code.detach(), image.grad))
+    assert sorted(set(calls)) == ["hog_pool", "hog_pool_backward"]  # the second pass went through C
+    (code, grad), (code_c, grad_c) = results
+    torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+    assert grad.abs().max() > 0
+
+
+@needs_library
 def test_engine_crops_in_c_for_a_module_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU engine's default crops through the C crop kernel for a ModuleCut, and lands where
     the plain PyTorch step lands."""

@@ -14,6 +14,7 @@
  * preimage_dsift_normalize / _backward: DSIFT's descriptor normalization (plain arithmetic).
  * preimage_maxpool / _backward: max pooling with a one-byte index (models/pooling.py).
  * preimage_lrn / _backward: Caffe's cross-channel LRN and its gradient (models/caffe.py).
+ * preimage_hog_pool / _backward: HOG's bilinear spatial pooling into cells and its transpose (representations/hog.py).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
  * columns (or the code's memory) and are vectorized by the compiler.  Threads (OpenMP) share
@@ -993,4 +994,90 @@ int preimage_lrn(const void *x, void *y, int64_t N, int64_t C, int64_t P, int64_
 int preimage_lrn_backward(const void *x, const void *g, void *dx, int64_t N, int64_t C, int64_t P, int64_t n,
                           float alpha, float beta, float k, int bf16, int nhwc, int threads) {
     return lrn(x, g, dx, N, C, P, n, alpha, beta, k, bf16, nhwc, threads);
+}
+
+/* HOG's spatial pooling (representations/hog.py, _pool) and its transpose (_pool_backward).
+ *
+ * Each interior pixel (i, x) of an image, (H', W') = (H - 2, W - 2), adds value_t * corner[2v + h]
+ * to slot slot_t of the cell (top[i] + v, left[x] + h), v, h in {0, 1}, for its T = 1 or 2 terms t,
+ * where corner (4, H', W') holds VLFeat's products wy * wx and top / left (-1 .. Hc - 1) the cells
+ * up-left of the pixels; contributions to cells outside the Hc x Wc grid are dropped.  cells is
+ * (N, Hc, Wc, T S), slot s of term t at t S + s.  A work item is one cell row of one image: it
+ * reads the pixel rows whose upper or lower cell it is, and sums into HOG_COPIES copies of a padded
+ * row (pixel x into copy x % HOG_COPIES: neighbours, which often share a cell and a slot, do not
+ * wait on each other's additions), added up at the end.  Items write disjoint rows: no races, and
+ * the result does not depend on the number of threads. */
+#define HOG_COPIES 4
+
+int preimage_hog_pool(const int32_t *slot0, const float *value0, const int32_t *slot1, const float *value1,
+                      const int32_t *top, const int32_t *left, const float *corner, float *cells, int64_t N,
+                      int64_t Hi, int64_t Wi, int64_t Hc, int64_t Wc, int64_t S, int threads) {
+    const int64_t T = slot1 ? 2 : 1, stride = T * S, row = (Wc + 2) * stride, plane = Hi * Wi;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *acc = (float *)malloc((size_t)(HOG_COPIES * row) * sizeof(float));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < N * Hc; q++) {
+                const int64_t n = q / Hc, cy = q % Hc;
+                memset(acc, 0, (size_t)(HOG_COPIES * row) * sizeof(float));
+                for (int64_t i = 0; i < Hi; i++) {
+                    const int64_t v = cy - top[i];
+                    if (v != 0 && v != 1) continue;
+                    const float *w0 = corner + (2 * v) * plane + i * Wi, *w1 = w0 + plane;
+                    const int64_t p = (n * Hi + i) * Wi;
+                    for (int64_t t = 0; t < T; t++) {
+                        const int32_t *sl = (t ? slot1 : slot0) + p;
+                        const float *va = (t ? value1 : value0) + p;
+                        for (int64_t x = 0; x < Wi; x++) {
+                            float *a = acc + (x % HOG_COPIES) * row + (left[x] + 1) * stride + t * S + sl[x];
+                            a[0] += w0[x] * va[x];
+                            a[stride] += w1[x] * va[x];
+                        }
+                    }
+                }
+                float *out = cells + q * Wc * stride;
+                for (int64_t k = 0; k < Wc * stride; k++) {
+                    float s = 0.0f;
+                    for (int c = 0; c < HOG_COPIES; c++) s += acc[c * row + stride + k];
+                    out[k] = s;
+                }
+            }
+        }
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The gradient of each term's value: grad_t[n, i, x] = sum over v, h of corner[2v + h][i, x] *
+ * padded[n, top[i] + 1 + v, left[x] + 1 + h, t S + slot_t[n, i, x]], padded (N, Hc + 2, Wc + 2, T S)
+ * the cells' gradients with a ring of zeros.  Threads share pixel rows. */
+int preimage_hog_pool_backward(const float *padded, const int32_t *slot0, const int32_t *slot1, const int32_t *top,
+                               const int32_t *left, const float *corner, float *grad0, float *grad1, int64_t N,
+                               int64_t Hi, int64_t Wi, int64_t Hc, int64_t Wc, int64_t S, int threads) {
+    const int64_t T = slot1 ? 2 : 1, stride = T * S, row = (Wc + 2) * stride, plane = Hi * Wi;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t q = 0; q < N * Hi; q++) {
+        const int64_t n = q / Hi, i = q % Hi, p = q * Wi;
+        const float *c00 = corner + i * Wi, *c01 = c00 + plane, *c10 = c01 + plane, *c11 = c10 + plane;
+        for (int64_t t = 0; t < T; t++) {
+            const int32_t *sl = (t ? slot1 : slot0) + p;
+            float *g = (t ? grad1 : grad0) + p;
+            const float *up = padded + (n * (Hc + 2) + top[i] + 1) * row + t * S, *down = up + row;
+#pragma omp simd
+            for (int64_t x = 0; x < Wi; x++) {
+                const int64_t o = (left[x] + 1) * stride + sl[x];
+                g[x] = c00[x] * up[o] + c01[x] * up[o + stride] + c10[x] * down[o] + c11[x] * down[o + stride];
+            }
+        }
+    }
+    return 0;
 }

@@ -27,7 +27,11 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
   channels-last, one pass each way where torch's form made about six;
 * :func:`dsift_normalize` / :func:`dsift_normalize_backward` -- DSIFT's descriptor normalization
   in plain arithmetic (the optimization's DSIFT, ``vlfeat_rounding=False``), a frame at a time,
-  where torch makes a dozen passes over strided ``(n, 128, F)`` views each way.
+  where torch makes a dozen passes over strided ``(n, 128, F)`` views each way;
+* :func:`hog_pool` / :func:`hog_pool_backward` -- HOG's bilinear spatial pooling into cells and
+  its transpose (used by :mod:`preimage.representations.hog`), one pass each where torch's form
+  made index tensors, two ``index_add_`` per term and batched products (four ``index_select``
+  per term back).
 
 Measured on 2 cores (benchmarks/README.md): 16 x 3 x 227 x 227 update 4.7 -> ~1.4 ms; the
 VGG-VD-16 conv1_1 loss (16 x 64 x 224 x 224, bf16) 42 -> ~14 ms.
@@ -157,10 +161,13 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
                                                           f32, i32]
         lib.preimage_lrn.argtypes = [p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
         lib.preimage_lrn_backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
+        lib.preimage_hog_pool.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
+        lib.preimage_hog_pool_backward.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
         for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32",
                      "preimage_l2_bf16", "preimage_crop", "preimage_uncrop", "preimage_maxpool",
                      "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward",
-                     "preimage_lrn", "preimage_lrn_backward"):
+                     "preimage_lrn", "preimage_lrn_backward", "preimage_hog_pool",
+                     "preimage_hog_pool_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -480,3 +487,47 @@ def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float, grad: Tensor 
     if status != 0:
         raise MemoryError("out of memory in the LRN kernel")
     return out
+
+
+def hog_applies(value: Tensor) -> bool:
+    """Whether :func:`hog_pool` / :func:`hog_pool_backward` take HOG's terms like ``value``:
+    fp32 on the CPU, with the library."""
+    return value.dtype == torch.float32 and value.device.type == "cpu" and library(quiet=True) is not None
+
+
+def hog_pool(terms: list[tuple[Tensor, Tensor]], top: Tensor, left: Tensor, corner: Tensor,
+             cells: tuple[int, int], n_slots: int) -> Tensor:
+    """HOG's bilinear spatial pooling (``hog._pool`` before the slot mixing) in one pass: the
+    ``(N, Hc, Wc, T * n_slots)`` cell histograms of the ``T`` = 1 or 2 terms ``(slot, value)``
+    (int32 and fp32, ``(N, H', W')``), given each interior row's and column's upper-left cell
+    ``top`` ``(H',)``, ``left`` ``(W',)`` (int32) and the ``(4, H', W')`` corner weights."""
+    lib = library(quiet=True)
+    assert lib is not None
+    (slot0, value0), *rest = [(s.contiguous(), v.contiguous()) for s, v in terms]
+    slot1, value1 = rest[0] if rest else (None, None)
+    n, hi, wi = slot0.shape
+    hc, wc = cells
+    out = torch.empty(n, hc, wc, len(terms) * n_slots)
+    status = lib.preimage_hog_pool(*_pointers((slot0, value0, slot1, value1, top, left, corner, out)),
+                                   n, hi, wi, hc, wc, n_slots, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("out of memory in the HOG pooling kernel")
+    return out
+
+
+def hog_pool_backward(padded: Tensor, slots: list[Tensor], top: Tensor, left: Tensor, corner: Tensor,
+                      n_slots: int) -> list[Tensor]:
+    """The transpose of :func:`hog_pool`: each term's value gradient ``(N, H', W')`` from the
+    cells' gradients ``padded`` ``(N, Hc + 2, Wc + 2, T * n_slots)`` (a ring of zeros around the
+    grid), given the terms' slots."""
+    lib = library(quiet=True)
+    assert lib is not None
+    slot0, *rest = [s.contiguous() for s in slots]
+    slot1 = rest[0] if rest else None
+    n, hi, wi = slot0.shape
+    grads = [torch.empty(n, hi, wi) for _ in slots]
+    lib.preimage_hog_pool_backward(*_pointers((padded.contiguous(), slot0, slot1, top, left, corner, grads[0],
+                                               grads[1] if rest else None)),
+                                   n, hi, wi, padded.shape[1] - 2, padded.shape[2] - 2, n_slots,
+                                   torch.get_num_threads())
+    return grads

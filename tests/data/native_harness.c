@@ -20,6 +20,11 @@ int preimage_maxpool(const void*, void*, uint8_t*, int64_t, int64_t, int64_t, in
                      int64_t, int64_t, int64_t, int64_t, int, int, int, int);
 int preimage_maxpool_backward(const void*, const uint8_t*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int);
+int preimage_hog_pool(const int32_t*, const float*, const int32_t*, const float*, const int32_t*, const int32_t*,
+                      const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+int preimage_hog_pool_backward(const float*, const int32_t*, const int32_t*, const int32_t*, const int32_t*,
+                               const float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+#include <math.h>
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
   int64_t shapes[][4]={{1,3,1,1},{1,3,1,9},{3,1,8,1},{2,3,17,21},{5,3,4,6},{1,3,40,33},{7,1,3,2}};
@@ -76,6 +81,24 @@ int main(void){
     if (preimage_maxpool(x,y,NULL,N,C,H,W,OH,OW,kh,kw,sh,sw,ph,pw,bf,nhwc,relu,th)) return 1;
     if (preimage_maxpool_backward(gy,id,gx,N,C,H,W,OH,OW,kh,kw,sh,sw,ph,pw,bf,nhwc,th)) return 1;
     free(x);free(y);free(gy);free(gx);free(id);
+  }
+  /* HOG's pooling and its transpose: VLFeat's cell geometry (images of 3 pixels and up, cell
+   * sizes from 1), one and two terms, slots at both ends, buffers of exactly their size */
+  int64_t hshapes[][3]={{3,3,1},{3,9,4},{13,5,4},{20,31,8},{17,17,6},{9,40,3}};
+  for (int q=0;q<6;q++) for (int T=1;T<=2;T++) for (int th=1; th<=5; th+=2) {
+    int64_t H=hshapes[q][0], W=hshapes[q][1], cs=hshapes[q][2], N=2, S=7, Hi=H-2, Wi=W-2, st=T*S;
+    int64_t Hc=(H+cs/2)/cs, Wc=(W+cs/2)/cs, P=N*Hi*Wi;
+    int32_t *top=malloc(Hi*4), *left=malloc(Wi*4), *s0=malloc(P*4), *s1=malloc(P*4);
+    for (int64_t i=0;i<Hi;i++) top[i]=(int32_t)floorf((float)((i+1.5)/cs-0.5));
+    for (int64_t i=0;i<Wi;i++) left[i]=(int32_t)floorf((float)((i+1.5)/cs-0.5));
+    float *corner=malloc(4*Hi*Wi*4), *v0=malloc(P*4), *v1=malloc(P*4), *cells=malloc(N*Hc*Wc*st*4);
+    float *padded=malloc(N*(Hc+2)*(Wc+2)*st*4), *g0=malloc(P*4), *g1=malloc(P*4);
+    for (int64_t i=0;i<4*Hi*Wi;i++) corner[i]=rnd();
+    for (int64_t i=0;i<P;i++){ s0[i]=rand()%S; s1[i]=(int32_t)(i%2?S-1:0); v0[i]=rnd(); v1[i]=rnd(); }
+    for (int64_t i=0;i<N*(Hc+2)*(Wc+2)*st;i++) padded[i]=rnd();
+    if (preimage_hog_pool(s0,v0,T>1?s1:NULL,T>1?v1:NULL,top,left,corner,cells,N,Hi,Wi,Hc,Wc,S,th)) return 1;
+    if (preimage_hog_pool_backward(padded,s0,T>1?s1:NULL,top,left,corner,g0,T>1?g1:NULL,N,Hi,Wi,Hc,Wc,S,th)) return 1;
+    free(top);free(left);free(s0);free(s1);free(corner);free(v0);free(v1);free(cells);free(padded);free(g0);free(g1);
   }
   puts("ok"); return 0;
 }

@@ -86,6 +86,11 @@ size, device and dtype.
   blocks of ``s`` rows that share their upper cell (:func:`_row_blocks`), are then pooled
   into cells by one batched ``2 x s`` product per block.  In the backward pass each pixel
   gathers the gradients of its four cells from a small padded grid (:func:`_pool_backward`).
+  On the CPU in float32 both run in C where preimage's kernels are built
+  (:func:`preimage.native.hog_pool`, :func:`~preimage.native.hog_pool_backward`): each pixel
+  adds its terms times VLFeat's corner weights ``wy wx`` straight into its four cells, and
+  gathers them back, in one pass (HOG 160², 16 images, 2 cores: pooling 0.44 -> 0.12 ms per
+  image, its transpose 0.23 -> 0.06; the engine step 1.1-1.3 -> 0.63-0.71 ms per image).
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import native
 from .base import Geometry, Representation, RepresentationError
 
 __all__ = ["HOG", "hog", "hog_shape", "to_vlfeat_layout"]
@@ -231,6 +237,11 @@ def _row_blocks(length: int, cell_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _row_weights(length: int, cell_size: int) -> np.ndarray:
     """``(blocks, 2, s)`` weights of :func:`_row_blocks`."""
     return _row_blocks(length, cell_size)[1]
+
+
+def _first_cells(length: int, cell_size: int) -> np.ndarray:
+    """``(length - 2,)`` cell at or before each interior pixel along one axis (``-1 .. cells - 1``)."""
+    return _axis_weights(length, cell_size)[0]
 
 
 def _column_weights(length: int, cell_size: int) -> np.ndarray:
@@ -551,6 +562,10 @@ def _pool(
     device, dtype = value.device, value.dtype
     n_slots = 2 * k_or + 3
     stride = len(terms) * n_slots  # one column of the per-row histograms
+    if native.hog_applies(value):  # the C kernel: the cells directly, in one pass (native.hog_pool)
+        cells = native.hog_pool(terms, *_cell_tables(height, width, cell_size, device), (hc, wc), n_slots)
+        hist = torch.matmul(mixing.t(), cells.view(n, hc * wc, stride).transpose(1, 2))
+        return hist.view(n, -1, hc, wc)
     row_weights = _tensor(_row_weights, (height, cell_size), device, dtype)  # (blocks, 2, s)
     column_weights = _tensor(_column_weights, (width, cell_size), device, dtype)  # (2, W')
     blocks = row_weights.shape[0]
@@ -567,6 +582,14 @@ def _pool(
     rows = pooled[:, 1 : hc + 1, 0] + pooled[:, :hc, 1]  # cell c: blocks c + 1 (wy1) and c (wy2)
     hist = torch.matmul(mixing.t(), rows.view(n, hc * (wc + 2), stride).transpose(1, 2))
     return hist.view(n, -1, hc, wc + 2)[..., 1:-1]
+
+
+def _cell_tables(height: int, width: int, cell_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The C kernels' tables: each interior row's and column's first cell (int32) and the fp32
+    corner weights of :func:`_corner_weights`."""
+    return (_tensor(_first_cells, (height, cell_size), device, torch.int32),
+            _tensor(_first_cells, (width, cell_size), device, torch.int32),
+            _tensor(_corner_weights, (height, width, cell_size), device, torch.float32))
 
 
 def _pool_backward(
@@ -590,6 +613,8 @@ def _pool_backward(
     cells = torch.matmul(grad.reshape(n, -1, hc * wc).transpose(1, 2), mixing.t())  # (N, Hc Wc, T S)
     padded = grad.new_zeros(n, hc + 2, wc + 2, stride)
     padded[:, 1:-1, 1:-1] = cells.view(n, hc, wc, stride)
+    if native.hog_applies(grad):  # the C kernel: four cells gathered per pixel (native.hog_pool_backward)
+        return native.hog_pool_backward(padded, slots, *_cell_tables(height, width, cell_size, grad.device), n_slots)
     padded = padded.view(-1)
     weights = _tensor(_corner_weights, (height, width, cell_size), grad.device, grad.dtype)
     offsets = _corner_offsets(height, width, cell_size, stride)
