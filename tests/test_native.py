@@ -20,6 +20,7 @@ from preimage.engine import Stage, optimize
 from preimage.objectives import L2Loss, jitter_crop
 from preimage.representations import make_representation
 from preimage.representations.base import Geometry
+from preimage.representations.dsift import dsift
 from preimage.representations.cnn import ModuleCut, _ToCompute, low_precision
 
 CONSTANTS = dict(alpha=6.0, B=80.0, B_plus=160.0, V=80 / 6.5, lambda_alpha=1.0, lambda_tv=1.0, rho=0.9)
@@ -278,6 +279,50 @@ def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pyt
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("config", [
+    dict(size=(48, 48)),  # the default geometry: maps padded by continuity beyond the image
+    dict(size=(37, 45), bin_size=4, step=6),  # a step that is not a multiple of the bin: dense binning
+    dict(size=(50, 61), fast=True),
+    dict(size=(20, 26), bin_size=3, step=2),
+    dict(size=(60, 64), bounds=(12, 3, 50, 60)),  # maps inside the image: pixels outside get no gradient
+], ids=["default", "dense", "flat-window", "small-bins", "bounds"])
+def test_dsift_maps_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DSIFT's orientation maps and their transpose in C (native.dsift_maps, dsift_maps_backward):
+    the optimization's descriptors and image gradients are those of the PyTorch arithmetic up to
+    float rounding, for banded and dense binnings, padded maps and bounded ones, and images with
+    flat regions (null gradients, whose angle is arbitrary)."""
+    from preimage.representations.dsift import DSIFT
+
+    calls = []
+    for name in ("dsift_maps", "dsift_maps_backward"):
+        monkeypatch.setattr(native, name, lambda *a, real=getattr(native, name), name=name: calls.append(name)
+                            or real(*a))
+    torch.manual_seed(0)
+    settings = dict(config)
+    size, bounds = settings.pop("size"), settings.pop("bounds", None)
+    rep = DSIFT(**settings).for_optimization()
+    x = torch.rand(3, 1, *size) * 255
+    x[1, :, 10:20, 5:30] = 77.0  # a flat patch
+    results = []
+    for use in ("0", "1"):
+        monkeypatch.setenv("PREIMAGE_NATIVE", use)
+        image = x.clone().requires_grad_()
+        code = rep(image) if bounds is None else dsift(image, rep.bin_size, rep.step, bounds=bounds,
+                                                        vlfeat_rounding=False)
+        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code))
+        results.append((code.detach(), image.grad))
+    assert sorted(set(calls)) == ["dsift_maps", "dsift_maps_backward"]  # the second pass went through C
+    (code, grad), (code_c, grad_c) = results
+    torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-4)  # descriptors are 0 .. 255
+    torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+    assert grad.abs().max() > 0
+    if bounds is not None:  # rows more than a bin above the first centre (and their differences) get nothing
+        assert grad[..., : bounds[0] - rep.bin_size, :].abs().max() == 0
+        assert grad[..., bounds[0] - rep.bin_size + 1, :].abs().max() > 0
 
 
 @needs_library

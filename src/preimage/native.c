@@ -15,6 +15,7 @@
  * preimage_maxpool / _backward: max pooling with a one-byte index (models/pooling.py).
  * preimage_lrn / _backward: Caffe's cross-channel LRN and its gradient (models/caffe.py).
  * preimage_hog_pool / _backward: HOG's bilinear spatial pooling into cells and its transpose (representations/hog.py).
+ * preimage_dsift_maps / _backward: DSIFT's orientation maps in plain arithmetic and their transpose (representations/dsift.py).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
  * columns (or the code's memory) and are vectorized by the compiler.  Threads (OpenMP) share
@@ -1076,6 +1077,161 @@ int preimage_hog_pool_backward(const float *padded, const int32_t *slot0, const 
             for (int64_t x = 0; x < Wi; x++) {
                 const int64_t o = (left[x] + 1) * stride + sl[x];
                 g[x] = c00[x] * up[o] + c01[x] * up[o + stride] + c10[x] * down[o] + c11[x] * down[o + stride];
+            }
+        }
+    }
+    return 0;
+}
+
+/* DSIFT's orientation maps (representations/dsift.py, _orientations and the scatter of
+ * _histograms, plain arithmetic) and their transpose.
+ *
+ * pix is the (H, W, N) pixel-major image; maps (R, Cm, N, 8) cover image rows first_r .. first_r + R - 1
+ * and columns first_c .. first_c + Cm - 1 (positions outside the image are left alone: the caller
+ * pads them by continuity).  Each pixel's gradient (central differences inside, one-sided on the
+ * borders) gets VLFeat's fast atan2 angle, split linearly between the two nearest of 8 bins, and
+ * its modulus: bin0 receives (1 - frac) mod, bin0 + 1 (mod 8) frac mod, the other six 0.  The
+ * operations are those of the PyTorch code, in its order (no contraction: -std=c11).  The backward
+ * pass recomputes the pixel's arithmetic from pix and maps the maps' gradient G (same layout) to
+ * the gradients of gx and gy, (H, W, N) each, zero for pixels outside the maps.  Threads share rows. */
+struct dsift_pixel {
+    float gx, gy, ax, ay, den, ratio, sx, sy, frac, mod, inv;
+    int bin0;
+};
+
+/* the differences' taps at (y, x): offsets of the samples after and before it, and the factor
+ * (0.5 inside, 1 for the one-sided differences on the borders) */
+struct dsift_taps {
+    int64_t xa, xb, ya, yb;
+    float fx, fy;
+};
+
+static inline struct dsift_taps dsift_taps(int64_t y, int64_t x, int64_t H, int64_t W, int64_t N) {
+    struct dsift_taps t;
+    t.xa = x == W - 1 ? 0 : N;
+    t.xb = x == 0 ? 0 : -N;
+    t.fx = x == 0 || x == W - 1 ? 1.0f : 0.5f;
+    t.ya = y == H - 1 ? 0 : W * N;
+    t.yb = y == 0 ? 0 : -W * N;
+    t.fy = y == 0 || y == H - 1 ? 1.0f : 0.5f;
+    return t;
+}
+
+/* the constants of the arithmetic, from k = (eps, c3, c1, pi/4, pi/2, 2 pi, tiny), held in registers
+ * (a constant read from memory under a condition stops the vectorizer); numBinT / (2 pi) is a double */
+struct dsift_constants {
+    float eps, c3, c1, pi_4, pi_2, two_pi, tiny;
+};
+
+static inline struct dsift_constants dsift_constants(const float *k) {
+    const struct dsift_constants K = {k[0], k[1], k[2], k[3], k[4], k[5], k[6]};
+    return K;
+}
+
+static inline struct dsift_pixel dsift_pixel(const float *c, const struct dsift_taps *t, struct dsift_constants k) {
+    /* c: the pixel */
+    struct dsift_pixel p;
+    p.gx = (c[t->xa] - c[t->xb]) * t->fx;
+    p.gy = (c[t->ya] - c[t->yb]) * t->fy;
+    p.ax = fabsf(p.gx);
+    p.ay = fabsf(p.gy) + k.eps;
+    p.den = p.ax + p.ay;
+    p.ratio = (p.ax - p.ay) / p.den;
+    p.sx = p.gx >= 0.0f ? 1.0f : -1.0f;
+    p.sy = p.gy >= 0.0f ? 1.0f : -1.0f;
+    float angle = p.ratio * k.c3;
+    angle = angle * p.ratio;
+    angle = angle - k.c1;
+    angle = angle * p.ratio;
+    angle = angle * p.sx;
+    const float base = p.sx * -k.pi_4 + k.pi_2;
+    angle = (angle + base) * p.sy;
+    angle = angle + (angle < 0.0f ? k.two_pi : 0.0f);
+    const float nt = (float)((double)angle * (8.0 / (2.0 * 3.14159265358979323846)));
+    const int bin = (int)nt; /* floor: nt >= 0 (a truncation, which vectorizes where floorf does not) */
+    p.frac = nt - (float)bin;
+    p.bin0 = bin & 7;
+    const float sq = p.gx * p.gx + p.gy * p.gy;
+    const float safe = sq > k.tiny ? sq : k.tiny;
+    p.inv = sq >= k.tiny ? 1.0f / sqrtf(safe) : 0.0f;
+    p.mod = sq * p.inv;
+    return p;
+}
+
+#define DSIFT_LANES 16 /* images computed together (the loop over them vectorizes) */
+
+int preimage_dsift_maps(const float *pix, float *maps, int64_t N, int64_t H, int64_t W, int64_t first_r, int64_t R,
+                        int64_t first_c, int64_t Cm, const float *constants, int threads) {
+    const struct dsift_constants k = dsift_constants(constants);
+    if (threads < 1) threads = 1;
+    const int64_t y0 = first_r > 0 ? first_r : 0, y1 = first_r + R < H ? first_r + R : H;
+    const int64_t x0 = first_c > 0 ? first_c : 0, x1 = first_c + Cm < W ? first_c + Cm : W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t y = y0; y < y1; y++) {
+        for (int64_t x = x0; x < x1; x++) {
+            float *out = maps + (((y - first_r) * Cm + (x - first_c)) * N) * 8;
+            const struct dsift_taps taps = dsift_taps(y, x, H, W, N);
+            for (int64_t n0 = 0; n0 < N; n0 += DSIFT_LANES) {
+                const int lanes = N - n0 < DSIFT_LANES ? (int)(N - n0) : DSIFT_LANES;
+                float w0[DSIFT_LANES], w1[DSIFT_LANES];
+                int b0[DSIFT_LANES];
+                const float *c = pix + (y * W + x) * N + n0;
+#pragma omp simd
+                for (int j = 0; j < lanes; j++) {
+                    const struct dsift_pixel p = dsift_pixel(c + j, &taps, k);
+                    b0[j] = p.bin0;
+                    w0[j] = (-p.frac + 1.0f) * p.mod;
+                    w1[j] = p.frac * p.mod;
+                }
+                float *o = out + n0 * 8;
+                for (int j = 0; j < lanes * 8; j++) o[j] = 0.0f;
+                for (int j = 0; j < lanes; j++) {
+                    o[j * 8 + b0[j]] = w0[j];
+                    o[j * 8 + ((b0[j] + 1) & 7)] = w1[j];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int preimage_dsift_maps_backward(const float *pix, const float *G, float *dgx, float *dgy, int64_t N, int64_t H,
+                                 int64_t W, int64_t first_r, int64_t R, int64_t first_c, int64_t Cm, const float *constants,
+                                 int threads) {
+    const struct dsift_constants k = dsift_constants(constants);
+    if (threads < 1) threads = 1;
+    const float c3x3 = k.c3 * 3.0f, scale2 = (float)(2.0 * (8.0 / (2.0 * 3.14159265358979323846)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t y = 0; y < H; y++) {
+        for (int64_t x = 0; x < W; x++) {
+            const int64_t r = y - first_r, cm = x - first_c, q = (y * W + x) * N;
+            if (r < 0 || r >= R || cm < 0 || cm >= Cm) {
+                for (int64_t n = 0; n < N; n++) dgx[q + n] = dgy[q + n] = 0.0f;
+                continue;
+            }
+            const float *g = G + ((r * Cm + cm) * N) * 8;
+            const struct dsift_taps taps = dsift_taps(y, x, H, W, N);
+            for (int64_t n0 = 0; n0 < N; n0 += DSIFT_LANES) {
+                const int lanes = N - n0 < DSIFT_LANES ? (int)(N - n0) : DSIFT_LANES;
+#pragma omp simd
+                for (int j = 0; j < lanes; j++) {
+                    const int64_t n = n0 + j;
+                    const struct dsift_pixel p = dsift_pixel(pix + q + n, &taps, k);
+                    const float g0 = g[n * 8 + p.bin0], g1 = g[n * 8 + ((p.bin0 + 1) & 7)];
+                    const float dg = g1 - g0;
+                    float dmod = g0 + p.frac * dg;
+                    float c = p.ratio * p.ratio;
+                    c = c * c3x3 - k.c1;
+                    c = c * (dg * p.mod);
+                    c = c * scale2;
+                    c = c / p.den;
+                    c = c / p.den;
+                    const float gx = c * p.ay * p.sy;
+                    const float gy = -(c * p.ax * p.sx);
+                    dmod = dmod * p.inv;
+                    dgx[q + n] = gx + dmod * p.gx;
+                    dgy[q + n] = gy + dmod * p.gy;
+                }
             }
         }
     }

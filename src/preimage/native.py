@@ -31,7 +31,11 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
 * :func:`hog_pool` / :func:`hog_pool_backward` -- HOG's bilinear spatial pooling into cells and
   its transpose (used by :mod:`preimage.representations.hog`), one pass each where torch's form
   made index tensors, two ``index_add_`` per term and batched products (four ``index_select``
-  per term back).
+  per term back);
+* :func:`dsift_maps` / :func:`dsift_maps_backward` -- DSIFT's orientation maps (gradients, fast
+  atan2 angle, modulus, the split between two bins) in plain arithmetic and their transpose, one
+  pass each where torch's form made some twenty element-wise passes, a zero fill and two
+  ``index_add_`` (two ``index_select`` and a dozen passes back).
 
 Measured on 2 cores (benchmarks/README.md): 16 x 3 x 227 x 227 update 4.7 -> ~1.4 ms; the
 VGG-VD-16 conv1_1 loss (16 x 64 x 224 x 224, bf16) 42 -> ~14 ms.
@@ -163,11 +167,13 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_lrn_backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
         lib.preimage_hog_pool.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
         lib.preimage_hog_pool_backward.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
+        lib.preimage_dsift_maps.argtypes = [p, p, *[i64] * 7, p, i32]
+        lib.preimage_dsift_maps_backward.argtypes = [p, p, p, p, *[i64] * 7, p, i32]
         for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32",
                      "preimage_l2_bf16", "preimage_crop", "preimage_uncrop", "preimage_maxpool",
                      "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward",
                      "preimage_lrn", "preimage_lrn_backward", "preimage_hog_pool",
-                     "preimage_hog_pool_backward"):
+                     "preimage_hog_pool_backward", "preimage_dsift_maps", "preimage_dsift_maps_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -531,3 +537,37 @@ def hog_pool_backward(padded: Tensor, slots: list[Tensor], top: Tensor, left: Te
                                    n, hi, wi, padded.shape[1] - 2, padded.shape[2] - 2, n_slots,
                                    torch.get_num_threads())
     return grads
+
+
+def dsift_maps_apply(pixels: Tensor) -> bool:
+    """Whether :func:`dsift_maps` / :func:`dsift_maps_backward` take the pixel-major ``(H, W, N)``
+    image ``pixels``: fp32 on the CPU, at least 2 x 2 pixels, with the library."""
+    return (pixels.dtype == torch.float32 and pixels.device.type == "cpu" and pixels.dim() == 3
+            and min(pixels.shape[:2]) >= 2 and library(quiet=True) is not None)
+
+
+def dsift_maps(pixels: Tensor, maps: Tensor, rows: tuple[int, int], cols: tuple[int, int], constants: Tensor) -> None:
+    """DSIFT's orientation maps in plain arithmetic (``dsift._orientations`` and the scatter of
+    ``dsift._histograms``) in one pass: writes the ``(R, Cm, N, 8)`` maps ``maps`` (contiguous)
+    of the ``(H, W, N)`` image ``pixels`` over image rows ``rows = (first, R)`` and columns
+    ``cols = (first, Cm)``; positions outside the image are left as they are.  ``constants``:
+    fp32 ``(eps, c3, c1, pi/4, pi/2, 2 pi, tiny)``."""
+    lib = library(quiet=True)
+    assert lib is not None and maps.is_contiguous() and pixels.is_contiguous()
+    H, W, N = pixels.shape
+    lib.preimage_dsift_maps(pixels.data_ptr(), maps.data_ptr(), N, H, W, *rows, *cols, constants.data_ptr(),
+                            torch.get_num_threads())
+
+
+def dsift_maps_backward(pixels: Tensor, grad: Tensor, rows: tuple[int, int], cols: tuple[int, int],
+                        constants: Tensor) -> tuple[Tensor, Tensor]:
+    """The transpose of :func:`dsift_maps`: the gradients of the image's finite differences
+    ``gx``, ``gy`` (``(H, W, N)`` each; zero outside the maps) from the maps' gradient ``grad``
+    (contiguous), each pixel's forward arithmetic recomputed from ``pixels``."""
+    lib = library(quiet=True)
+    assert lib is not None and grad.is_contiguous()
+    H, W, N = pixels.shape
+    dgx, dgy = torch.empty(H, W, N), torch.empty(H, W, N)
+    lib.preimage_dsift_maps_backward(pixels.data_ptr(), grad.data_ptr(), dgx.data_ptr(), dgy.data_ptr(), N, H, W,
+                                     *rows, *cols, constants.data_ptr(), torch.get_num_threads())
+    return dgx, dgy

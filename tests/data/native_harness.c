@@ -24,6 +24,10 @@ int preimage_hog_pool(const int32_t*, const float*, const int32_t*, const float*
                       const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 int preimage_hog_pool_backward(const float*, const int32_t*, const int32_t*, const int32_t*, const int32_t*,
                                const float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+int preimage_dsift_maps(const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        const float*, int);
+int preimage_dsift_maps_backward(const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
+                                 int64_t, int64_t, int64_t, const float*, int);
 #include <math.h>
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
@@ -99,6 +103,19 @@ int main(void){
     if (preimage_hog_pool(s0,v0,T>1?s1:NULL,T>1?v1:NULL,top,left,corner,cells,N,Hi,Wi,Hc,Wc,S,th)) return 1;
     if (preimage_hog_pool_backward(padded,s0,T>1?s1:NULL,top,left,corner,g0,T>1?g1:NULL,N,Hi,Wi,Hc,Wc,S,th)) return 1;
     free(top);free(left);free(s0);free(s1);free(corner);free(v0);free(v1);free(cells);free(padded);free(g0);free(g1);
+  }
+  /* DSIFT's orientation maps and their transpose: maps wider than the image (padding), inside it
+   * (bounds), 2 x 2 images, flat and constant regions (zero gradients), buffers of exactly their size */
+  int64_t dshapes[][7]={{2,2,1,-3,8,-3,8},{5,9,3,-2,9,1,6},{17,6,2,3,10,-1,8},{8,8,1,0,8,0,8},{12,7,4,-4,20,2,3}};
+  const float dk[7]={1.19209290e-07f,0.1821f,0.9675f,0.78539819f,1.5707964f,6.2831855f,1.0000001e-8f};
+  for (int q=0;q<5;q++) for (int th=1; th<=5; th+=2) {
+    int64_t H=dshapes[q][0], W=dshapes[q][1], N=dshapes[q][2], fr=dshapes[q][3], R=dshapes[q][4], fc=dshapes[q][5], Cm=dshapes[q][6];
+    float *pix=malloc(H*W*N*4), *maps=malloc(R*Cm*N*8*4), *G=malloc(R*Cm*N*8*4), *dx=malloc(H*W*N*4), *dy=malloc(H*W*N*4);
+    for (int64_t i=0;i<H*W*N;i++) pix[i]=(i%5==0)?7.0f:rnd()*255;
+    for (int64_t i=0;i<R*Cm*N*8;i++) G[i]=rnd();
+    if (preimage_dsift_maps(pix,maps,N,H,W,fr,R,fc,Cm,dk,th)) return 1;
+    if (preimage_dsift_maps_backward(pix,G,dx,dy,N,H,W,fr,R,fc,Cm,dk,th)) return 1;
+    free(pix);free(maps);free(G);free(dx);free(dy);
   }
   puts("ok"); return 0;
 }

@@ -660,6 +660,12 @@ def _flat(x: Tensor) -> Tensor:
     return x.permute(2, 3, 0, 1).reshape(-1)
 
 
+@lru_cache(maxsize=1)
+def _native_constants() -> Tensor:
+    """The float32 constants of :func:`_orientations` for :func:`preimage.native.dsift_maps`."""
+    return torch.tensor([_EPS_F, _ATAN_C3, _ATAN_C1, _PI_4_F, _PI_2_F, _2PI_F, _SQRT_TINY_F], dtype=torch.float32)
+
+
 def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, tuple]:
     """``(n, 1, H, W)`` images -> ``(n, 128, F)`` spatial histograms of oriented gradients,
     and what :func:`_histograms_backward` needs.
@@ -677,16 +683,24 @@ def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, 
     rows, cols = _axes(geom, banded=not flat_vlfeat)
     # the per-pixel tensors are laid out pixel-major like the maps, so that the scatter
     # below (and the gather of the backward pass) run through memory in order
-    pixels = _pixel_major(image.permute(2, 3, 0, 1).contiguous())
-    bin0, w0, w1, saved = _orientations(pixels, vlfeat_math)
-    base = _map_index(rows, cols, n, h, w, image.device)
-    index0 = torch.add(base, bin0)
-    index1 = torch.add(base, bin0.add_(1).bitwise_and_(_NUM_ORI - 1))
+    major = image.permute(2, 3, 0, 1).contiguous()  # (H, W, N, 1)
+    pixels = _pixel_major(major)
     inner = n * _NUM_ORI
-    maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, image).zero_()  # + trash
-    maps.index_add_(0, _flat(index0), _flat(w0))  # (distinct entries: a copy)
-    maps.index_add_(0, _flat(index1), _flat(w1))
-    state = (index0, index1, not flat_vlfeat, saved)
+    maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, image)  # + trash
+    state: tuple
+    if not vlfeat_math and native.dsift_maps_apply(major.view(h, w, n)):  # in C, one pass
+        native.dsift_maps(major.view(h, w, n), maps, (rows.first, rows.size), (cols.first, cols.size),
+                          _native_constants())
+        state = (major.view(h, w, n), None, not flat_vlfeat, None)
+    else:
+        bin0, w0, w1, saved = _orientations(pixels, vlfeat_math)
+        base = _map_index(rows, cols, n, h, w, image.device)
+        index0 = torch.add(base, bin0)
+        index1 = torch.add(base, bin0.add_(1).bitwise_and_(_NUM_ORI - 1))
+        maps.zero_()
+        maps.index_add_(0, _flat(index0), _flat(w0))  # (distinct entries: a copy)
+        maps.index_add_(0, _flat(index1), _flat(w1))
+        state = (index0, index1, not flat_vlfeat, saved)
     grid = maps[: -_NUM_ORI].view(rows.size, cols.size, inner)
     if flat_vlfeat:
         return _vl_flat_pool(grid.view(h, w, n, _NUM_ORI), geom), state
@@ -717,7 +731,10 @@ def _histograms_backward(grad: Tensor, state: tuple, geom: _Geom) -> Tensor:
     """Transpose of :func:`_histograms`: ``(n, 128, F)`` -> the ``(n, 1, H, W)`` image gradient
     (pixel-major)."""
     index0, index1, banded, saved = state
-    n, _, h, w = index0.shape
+    if index1 is None:  # the C forward's state: the (H, W, N) image
+        h, w, n = index0.shape
+    else:
+        n, _, h, w = index0.shape
     inner = n * _NUM_ORI
     rows, cols = _axes(geom, banded)
     if rows.kernel is None:
@@ -745,6 +762,10 @@ def _histograms_backward(grad: Tensor, state: tuple, geom: _Geom) -> Tensor:
         _banded_adjoint(binned, row_kernel, grid.view(rows.centres + 1, s, row_length))
         _replicate_adjoint(grid, 0, rows, h)
         _replicate_adjoint(grid, 1, cols, w)
+    if index1 is None:
+        dgx, dgy = native.dsift_maps_backward(index0, grid, (rows.first, rows.size), (cols.first, cols.size),
+                                              _native_constants())
+        return _image_gradients_adjoint(_pixel_major(dgx.view(h, w, n, 1)), _pixel_major(dgy.view(h, w, n, 1)))
     g0 = _pixel_major(maps.index_select(0, _flat(index0)).view(h, w, n, 1))
     g1 = _pixel_major(maps.index_select(0, _flat(index1)).view(h, w, n, 1))
     return _orientations_backward(saved, g0, g1)
@@ -813,7 +834,10 @@ class _DSIFTFunction(torch.autograd.Function):
     In plain arithmetic (``vlfeat_math=False``: the optimization's DSIFT) on the CPU in float32
     the normalization runs in C where the kernels are available
     (:func:`preimage.native.dsift_normalize`; the same arithmetic, summed in another order:
-    2.0 -> 0.3 ms forward, 2.0 -> 0.5 ms backward for 8 images of 160²).
+    2.0 -> 0.3 ms forward, 2.0 -> 0.5 ms backward for 8 images of 160²), and so do the
+    orientation maps (:func:`preimage.native.dsift_maps`: gradients, angle, modulus and the
+    scatter into the maps in one pass; its backward pass recomputes a pixel's arithmetic from the
+    image rather than keeping a dozen per-pixel tensors).
 
     The images are processed in groups of about :data:`_GROUP_PIXELS` pixels: the per-pixel
     temporaries of a group stay in the processor's cache (and in memory the process already
