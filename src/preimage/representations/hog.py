@@ -554,6 +554,9 @@ def _pool(
     to cells outside the grid.  Finally ``mixing`` (:func:`_slot_mixing`) maps the slots of the
     terms to the directed bins of the codes.
 
+    On the CPU in float32 the cells are summed in C instead (:func:`preimage.native.hog_pool`:
+    each pixel's terms times its corner weights, into its four cells), then mixed the same way.
+
     Returns the ``(N, C, Hc, Wc)`` histograms (a view; ``C`` = ``mixing``'s columns).
     """
     slot, value = terms[0]
@@ -604,7 +607,8 @@ def _pool_backward(
     (``index_select`` at the constant offsets of :func:`_corner_offsets`) with its weights
     (:func:`_corner_weights`).  (Expanding the gradients to the per-row histograms of
     :func:`_pool` instead, to gather two cells per pixel, writes a buffer several times
-    larger than the image: slower.)
+    larger than the image: slower.)  On the CPU in float32 the gather runs in C
+    (:func:`preimage.native.hog_pool_backward`).
     """
     n, height, width = shape
     hc, wc = grad.shape[-2:]
