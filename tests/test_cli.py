@@ -253,3 +253,22 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_cuda_graphs_flag_sets_the_process_default_and_is_ignored_on_the_cpu(images, tmp_path, monkeypatch):
+    """--cuda-graphs / --no-cuda-graphs set graphs.set_default for the run (no flag: back to
+    PREIMAGE_CUDA_GRAPHS and the batch size); on the CPU the inversions are the same."""
+    from preimage import graphs
+
+    monkeypatch.setattr(graphs, "_default", None)
+    errors = []
+    for flag, expected in (("--no-cuda-graphs", False), ("--cuda-graphs", True), (None, None)):
+        out = tmp_path / str(flag)
+        r = run("invert", images / "coffee.png", "--rep", "hog", "--size", "40", "--out", out, *FAST,
+                *([flag] if flag else []))
+        assert r.exit_code == 0, r.output
+        assert graphs._default is expected
+        errors.append(json.loads((out / "coffee.hog.invert.seed0.json").read_text())["error"])
+    assert errors[0] == errors[1] == errors[2]
+    for command in ("table4", "table5", "figures", "maximize", "caricature"):
+        assert "--cuda-graphs / --no-cuda-graphs" in run(command, "--help").output

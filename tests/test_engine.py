@@ -252,3 +252,24 @@ def test_cuda_graphs_are_wanted_on_cuda_for_small_batches_unless_told(monkeypatc
     assert not graphs.wanted(None, cuda, 1) and graphs.wanted(True, cuda, 1)
     monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "on")
     assert graphs.wanted(None, cuda, big) and not graphs.wanted(False, cuda, big)
+
+
+def test_the_process_default_for_cuda_graphs_comes_before_the_environment(monkeypatch):
+    """graphs.set_default (the CLI's --cuda-graphs / --no-cuda-graphs) decides for runs that do
+    not say, over PREIMAGE_CUDA_GRAPHS and the batch size; None hands back to them."""
+    from preimage import graphs
+
+    cuda = torch.device("cuda")
+    big = graphs.MAX_BATCH + 1
+    monkeypatch.setattr(graphs, "_default", None)
+    monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
+    graphs.set_default(True)
+    assert graphs.wanted(None, cuda, big) and not graphs.wanted(False, cuda, 1)
+    assert not graphs.wanted(None, torch.device("cpu"), 1)
+    monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "1")
+    graphs.set_default(False)
+    assert not graphs.wanted(None, cuda, 1) and graphs.wanted(True, cuda, big)
+    graphs.set_default(None)
+    assert graphs.wanted(None, cuda, big)
+    monkeypatch.delenv("PREIMAGE_CUDA_GRAPHS")
+    assert graphs.wanted(None, cuda, 1) and not graphs.wanted(None, cuda, big)

@@ -23,7 +23,8 @@ AlexNet conv3 in bf16: 0.22 -> 0.06; VGG-VD-16 conv3_3 and fc8, already GPU-boun
 Where recording fails (a representation that reads a value back to the host inside Φ, an
 operation CUDA graphs refuse) the engine warns once per process and goes on eagerly.  By
 default only batches of up to :data:`MAX_BATCH` are recorded; ``optimize(..., graph=True /
-False)`` decides for a call, ``PREIMAGE_CUDA_GRAPHS=1`` / ``0`` for the process.
+False)`` decides for a call, :func:`set_default` (the CLI's ``--cuda-graphs`` /
+``--no-cuda-graphs``) or ``PREIMAGE_CUDA_GRAPHS=1`` / ``0`` for the process.
 """
 
 from __future__ import annotations
@@ -49,14 +50,26 @@ conv1_1, interleaved runs).  32 is between the two, where AlexNet conv1's step s
 GPU time than Python takes to launch it."""
 
 
+_default: bool | None = None  # set_default's value (the CLI's --cuda-graphs); None: the environment decides
+
+
+def set_default(on: bool | None) -> None:
+    """Whether runs that do not say (``graph=None``) record their CUDA steps: always (True),
+    never (False), or as ``PREIMAGE_CUDA_GRAPHS`` and the batch size say (None)."""
+    global _default
+    _default = None if on is None else bool(on)
+
+
 def wanted(graph: bool | None, device: torch.device, batch: int = 1) -> bool:
-    """Whether to record the step of a ``batch``: ``graph`` if given; else what
-    ``PREIMAGE_CUDA_GRAPHS`` says (0 / false / no / off: never; 1 / true / yes / on: always);
-    else for batches of at most :data:`MAX_BATCH`.  Never off a CUDA device."""
+    """Whether to record the step of a ``batch``: ``graph`` if given; else :func:`set_default`'s
+    value; else what ``PREIMAGE_CUDA_GRAPHS`` says (0 / false / no / off: never; 1 / true / yes /
+    on: always); else for batches of at most :data:`MAX_BATCH`.  Never off a CUDA device."""
     if device.type != "cuda":
         return False
     if graph is not None:
         return bool(graph)
+    if _default is not None:
+        return _default
     said = os.environ.get("PREIMAGE_CUDA_GRAPHS", "").strip().lower()
     if said in ("0", "false", "no", "off"):
         return False
