@@ -242,6 +242,24 @@ def test_any_representation_crops_in_c_as_it_would_in_torch(name: str, monkeypat
     assert torch.equal(codes[0], codes[1]) and torch.equal(grads[0], grads[1])
 
 
+def _torch_then_c(phi, x: torch.Tensor, kernels: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> list:
+    """``[(code, image gradient)]`` of ``phi`` on ``x``, with the C kernels off and then on
+    (``PREIMAGE_NATIVE``), checking that the second pass called each of ``kernels``."""
+    calls = []
+    for name in kernels:
+        monkeypatch.setattr(native, name, lambda *a, real=getattr(native, name), name=name: calls.append(name)
+                            or real(*a))
+    results = []
+    for use in ("0", "1"):
+        monkeypatch.setenv("PREIMAGE_NATIVE", use)
+        image = x.clone().requires_grad_()
+        code = phi(image)
+        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code))
+        results.append((code.detach(), image.grad))
+    assert sorted(set(calls)) == sorted(kernels)  # the second pass went through C
+    return results
+
+
 @needs_library
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("config", [
@@ -258,24 +276,12 @@ def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pyt
     split images and rows, and images of one interior row."""
     from preimage.representations.hog import HOG
 
-    calls = []
-    for name in ("hog_pool", "hog_pool_backward"):
-        monkeypatch.setattr(native, name, lambda *a, real=getattr(native, name), name=name: calls.append(name)
-                            or real(*a))
     torch.manual_seed(0)
     settings = dict(config)
     size = settings.pop("size")
     rep = HOG(**settings)
     x = torch.rand(3, rep.in_channels, *size) * 255
-    results = []
-    for use in ("0", "1"):
-        monkeypatch.setenv("PREIMAGE_NATIVE", use)
-        image = x.clone().requires_grad_()
-        code = rep(image)
-        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code))
-        results.append((code.detach(), image.grad))
-    assert sorted(set(calls)) == ["hog_pool", "hog_pool_backward"]  # the second pass went through C
-    (code, grad), (code_c, grad_c) = results
+    (code, grad), (code_c, grad_c) = _torch_then_c(rep, x, ("hog_pool", "hog_pool_backward"), monkeypatch)
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0
@@ -297,26 +303,14 @@ def test_dsift_maps_in_c_as_in_torch(config: dict, threads: int, monkeypatch: py
     flat regions (null gradients, whose angle is arbitrary)."""
     from preimage.representations.dsift import DSIFT
 
-    calls = []
-    for name in ("dsift_maps", "dsift_maps_backward"):
-        monkeypatch.setattr(native, name, lambda *a, real=getattr(native, name), name=name: calls.append(name)
-                            or real(*a))
     torch.manual_seed(0)
     settings = dict(config)
     size, bounds = settings.pop("size"), settings.pop("bounds", None)
     rep = DSIFT(**settings).for_optimization()
     x = torch.rand(3, 1, *size) * 255
     x[1, :, 10:20, 5:30] = 77.0  # a flat patch
-    results = []
-    for use in ("0", "1"):
-        monkeypatch.setenv("PREIMAGE_NATIVE", use)
-        image = x.clone().requires_grad_()
-        code = rep(image) if bounds is None else dsift(image, rep.bin_size, rep.step, bounds=bounds,
-                                                        vlfeat_rounding=False)
-        code.backward(torch.linspace(-1, 1, code.numel()).view_as(code))
-        results.append((code.detach(), image.grad))
-    assert sorted(set(calls)) == ["dsift_maps", "dsift_maps_backward"]  # the second pass went through C
-    (code, grad), (code_c, grad_c) = results
+    phi = rep if bounds is None else lambda t: dsift(t, rep.bin_size, rep.step, bounds=bounds, vlfeat_rounding=False)
+    (code, grad), (code_c, grad_c) = _torch_then_c(phi, x, ("dsift_maps", "dsift_maps_backward"), monkeypatch)
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-4)  # descriptors are 0 .. 255
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0

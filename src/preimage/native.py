@@ -539,7 +539,7 @@ def hog_pool_backward(padded: Tensor, slots: list[Tensor], top: Tensor, left: Te
     return grads
 
 
-def dsift_maps_apply(pixels: Tensor) -> bool:
+def dsift_maps_applies(pixels: Tensor) -> bool:
     """Whether :func:`dsift_maps` / :func:`dsift_maps_backward` take the pixel-major ``(H, W, N)``
     image ``pixels``: fp32 on the CPU, at least 2 x 2 pixels, with the library."""
     return (pixels.dtype == torch.float32 and pixels.device.type == "cpu" and pixels.dim() == 3

@@ -688,10 +688,10 @@ def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, 
     inner = n * _NUM_ORI
     maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, image)  # + trash
     state: tuple
-    if not vlfeat_math and native.dsift_maps_apply(major.view(h, w, n)):  # in C, one pass
-        native.dsift_maps(major.view(h, w, n), maps, (rows.first, rows.size), (cols.first, cols.size),
-                          _native_constants())
-        state = (major.view(h, w, n), None, not flat_vlfeat, None)
+    plane = major.view(h, w, n)
+    if not vlfeat_math and native.dsift_maps_applies(plane):  # in C, one pass
+        native.dsift_maps(plane, maps, (rows.first, rows.size), (cols.first, cols.size), _native_constants())
+        state = (plane, None, not flat_vlfeat, None)  # no index1: the backward recomputes from the image
     else:
         bin0, w0, w1, saved = _orientations(pixels, vlfeat_math)
         base = _map_index(rows, cols, n, h, w, image.device)
