@@ -4,6 +4,7 @@ missing compiler costs a fallback, never a run."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -281,10 +282,75 @@ def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pyt
     size = settings.pop("size")
     rep = HOG(**settings)
     x = torch.rand(3, rep.in_channels, *size) * 255
-    (code, grad), (code_c, grad_c) = _torch_then_c(rep, x, ("hog_pool", "hog_pool_backward"), monkeypatch)
+    scan = ("hog_orientations",) if rep.num_orientations > 1 or not config.get("bilinear_orientations") else ()
+    (code, grad), (code_c, grad_c) = _torch_then_c(rep, x, ("hog_pool", "hog_pool_backward", *scan), monkeypatch)
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0
+
+
+def _hard_gradients(k_or: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(4, 37, 29)`` gradients on which HOG's orientation decisions are hard: random ones, small
+    integers (many exact ties between two bins' scores), null ones, the angle pi (``gx < 0``,
+    ``gy = 0``), vectors on every bin centre and boundary, and a few just off them."""
+    torch.manual_seed(1)
+    gx, gy = torch.randn(2, 4, 37, 29) * 100
+    gx[1], gy[1] = torch.randint(-6, 7, (2, 37, 29)).float()
+    gx[2, :5], gy[2, :5] = 0.0, 0.0
+    gx[2, 5:9], gy[2, 5:9] = -torch.rand(4, 29) * 50, 0.0
+    angles = torch.arange(4 * k_or, dtype=torch.float64) * math.pi / (2 * k_or)  # centres and boundaries
+    angles = torch.cat([angles, angles + 1e-6, angles - 1e-6])
+    radius = torch.linspace(0.5, 200, 9, dtype=torch.float64)
+    on_lines = len(angles) * len(radius)  # at most 108 x 9 of the 37 x 29 entries
+    gx[3].view(-1)[:on_lines] = (angles.cos()[:, None] * radius).float().view(-1)
+    gy[3].view(-1)[:on_lines] = (angles.sin()[:, None] * radius).float().view(-1)
+    return gx, gy
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("k_or", [9, 4, 2, 1])
+@pytest.mark.parametrize("bilinear", [False, True], ids=["hog", "hogb"])
+def test_hog_orientations_in_c_as_libvl_scans(k_or: int, bilinear: bool, threads: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOG's orientation assignment in C (native.hog_orientations, libvl's scan on every pixel)
+    gives the PyTorch path's bins (atan2, rescanned where ambiguous) on hard gradients: the same
+    directed bin (slot modulo 2K: the scan gives bin K slot 1, atan2 near +pi 2K + 1), the same ``|g|``
+    bit for bit, and for HOGb the same second bin, weight and derivative factors."""
+    from preimage.representations import hog as hog_module
+
+    gx, gy = _hard_gradients(k_or)
+    g2 = gx * gx + gy * gy
+    monkeypatch.setenv("PREIMAGE_NATIVE", "0")
+    plain = hog_module._orientations(gx.clone(), gy.clone(), g2, k_or, bilinear)
+    monkeypatch.setenv("PREIMAGE_NATIVE", "1")
+    calls = []
+    monkeypatch.setattr(native, "hog_orientations", lambda *a, real=native.hog_orientations: calls.append(1) or real(*a))
+    scanned = hog_module._orientations(gx.clone(), gy.clone(), g2, k_or, bilinear)
+    assert len(calls) == (0 if bilinear and k_or == 1 else 1)  # HOGb with one bin keeps the PyTorch path
+
+    def directed(slot: torch.Tensor) -> torch.Tensor:
+        return (slot.long() - k_or - 1) % (2 * k_or)
+
+    assert torch.equal(directed(scanned.slot), directed(plain.slot))
+    assert torch.equal(scanned.magnitude, plain.magnitude)
+    assert (scanned.slot != plain.slot).any() == bool(calls)  # bin K near pi: slot 2K + 1 from atan2, 1 from the scan
+    if bilinear:
+        assert torch.equal(directed(scanned.lower), directed(plain.lower))  # the pair's lower bin
+        # libvl's weight: acos of the same cosine, to an ulp (1e-7 absolute below 1e-6)
+        torch.testing.assert_close(scanned.along, plain.along, rtol=2.5e-7, atol=1e-7)
+        torch.testing.assert_close(scanned.term, plain.term, rtol=2.5e-7, atol=1e-7 * float(plain.magnitude.max()))
+        assert scanned.across == plain.across if k_or > 1 else torch.equal(scanned.across, plain.across)
+    # the scan is what decides: swapping two bins' table entries moves pixels
+    if k_or > 1:
+        table = hog_module._slot_directions
+        monkeypatch.setattr(hog_module, "_slot_directions", lambda k: table(k)[::-1].copy())
+        hog_module._TENSORS.clear()
+        try:
+            moved = hog_module._orientations(gx.clone(), gy.clone(), g2, k_or, bilinear)
+        finally:
+            hog_module._TENSORS.clear()
+        assert not torch.equal(directed(moved.slot), directed(plain.slot))
 
 
 @needs_library

@@ -15,6 +15,7 @@
  * preimage_maxpool / _backward: max pooling with a one-byte index (models/pooling.py).
  * preimage_lrn / _backward: Caffe's cross-channel LRN and its gradient (models/caffe.py).
  * preimage_hog_pool / _backward: HOG's bilinear spatial pooling into cells and its transpose (representations/hog.py).
+ * preimage_hog_orientations: HOG's orientation assignment, libvl's scan on every pixel (representations/hog.py).
  * preimage_dsift_maps / _backward: DSIFT's orientation maps in plain arithmetic and their transpose (representations/dsift.py).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
@@ -1077,6 +1078,126 @@ int preimage_hog_pool_backward(const float *padded, const int32_t *slot0, const 
             for (int64_t x = 0; x < Wi; x++) {
                 const int64_t o = (left[x] + 1) * stride + sl[x];
                 g[x] = c00[x] * up[o] + c01[x] * up[o + stride] + c10[x] * down[o] + c11[x] * down[o + stride];
+            }
+        }
+    }
+    return 0;
+}
+
+/* HOG's orientation assignment (representations/hog.py, _orientations): libvl's scan on every
+ * pixel, in its float arithmetic.  score_k = sin_k * gy + cos_k * gx (two rounded products and a
+ * rounded sum: no contraction, -std=c11) for the K undirected bins, table (K, 2) = (cos_k, sin_k);
+ * the best bin k0 is the first maximum of |score_k| (a strict > scan), directed k0 + K when its
+ * score is negative; HOGb's second bin is the first maximum of the others, found in the same pass
+ * (a new best demotes the old one to second).  Outputs per pixel (M pixels): slot, the orientation
+ * slot (b0 + K) mod 2K + 1 of the best directed bin b0; magnitude = sqrtf(g2) (correctly rounded);
+ * and for HOGb (lower != NULL, K > 1) side = +1 / -1, the side of b0's centre where the second
+ * bin lies (0 for a null gradient, as hog.py's atan2 path), lower = slot - 1 where side < 0 else
+ * slot, along = side * w1 with libvl's weight w1 = acosf(min(|score_k0| / max(|g|, 1e-10f), 1)) *
+ * (K / pi) (hog_acos), and term = |g| * along.  Pixels are done HOG_LANES at a time, the loop over
+ * them inside the loop over bins, so that it vectorizes. */
+#define HOG_LANES 64
+
+/* acos(x) for 0 <= x <= 1 in double, rounded once to float: within an ulp of acosf, and
+ * vectorizable (glibc's acosf is not, and torch's acos_ on the CPU differs by an ulp on the first
+ * call of a process).  The usual reduction: acos x = pi/2 - asin x for x <= 1/2, else
+ * 2 asin sqrt((1 - x) / 2), with asin t = t + t r(t^2) and r a rational minimax approximation of
+ * (asin t - t) / t on t^2 <= 1/4 (relative error below 1e-16). */
+static inline float hog_acos(float value) {
+    const double x = value, pi_2 = 1.57079632679489661923;
+    const int upper = x > 0.5;
+    const double z = upper ? (1.0 - x) * 0.5 : x * x, root = sqrt(z), t = upper ? root : x;
+    const double p = z * (1.66666666666666657415e-01 +
+                          z * (-3.25565818622400915405e-01 +
+                               z * (2.01212532134862925881e-01 +
+                                    z * (-4.00555345006794114027e-02 +
+                                         z * (7.91534994289814532176e-04 + z * 3.47933107596021167570e-05)))));
+    const double q = 1.0 + z * (-2.40339491173441421878e+00 +
+                                z * (2.02094576023350569471e+00 +
+                                     z * (-6.88283971605453293030e-01 + z * 7.70381505559019352791e-02)));
+    const double asin_t = t + t * (p / q);
+    return (float)(upper ? 2.0 * asin_t : pi_2 - asin_t);
+}
+
+int preimage_hog_orientations(const float *gx, const float *gy, const float *g2, const float *table, int64_t M,
+                              int64_t K, int32_t *slot, float *magnitude, int32_t *lower, float *term, float *along,
+                              int threads) {
+    const int64_t blocks = (M + HOG_LANES - 1) / HOG_LANES;
+    const int bilinear = lower != NULL;
+    const int32_t k = (int32_t)K;
+    const float k_pi = (float)((double)K / 3.14159265358979323846);
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t p0 = b * HOG_LANES, len = M - p0 < HOG_LANES ? M - p0 : HOG_LANES;
+        const float *x = gx + p0, *y = gy + p0;
+        float s1[HOG_LANES], a1[HOG_LANES], s2[HOG_LANES], a2[HOG_LANES];
+        int32_t k1[HOG_LANES], k2[HOG_LANES];
+        {
+            const float c = table[0], s = table[1];
+#pragma omp simd
+            for (int64_t p = 0; p < len; p++) {
+                const float score = s * y[p] + c * x[p];
+                s1[p] = score;
+                a1[p] = fabsf(score);
+                k1[p] = 0;
+                s2[p] = 0.0f;
+                a2[p] = -1.0f;
+                k2[p] = 0;
+            }
+        }
+        for (int32_t j = 1; j < k; j++) {
+            const float c = table[2 * j], s = table[2 * j + 1];
+            if (bilinear) {
+#pragma omp simd
+                for (int64_t p = 0; p < len; p++) {
+                    const float score = s * y[p] + c * x[p], a = fabsf(score);
+                    const int better = a > a1[p], second = a > a2[p];
+                    s2[p] = better ? s1[p] : second ? score : s2[p];
+                    k2[p] = better ? k1[p] : second ? j : k2[p];
+                    a2[p] = better ? a1[p] : second ? a : a2[p];
+                    s1[p] = better ? score : s1[p];
+                    k1[p] = better ? j : k1[p];
+                    a1[p] = better ? a : a1[p];
+                }
+            } else {
+#pragma omp simd
+                for (int64_t p = 0; p < len; p++) {
+                    const float score = s * y[p] + c * x[p], a = fabsf(score);
+                    const int better = a > a1[p];
+                    s1[p] = better ? score : s1[p];
+                    k1[p] = better ? j : k1[p];
+                    a1[p] = better ? a : a1[p];
+                }
+            }
+        }
+        int32_t *sl = slot + p0;
+        float *m = magnitude + p0;
+        const float *q = g2 + p0;
+#pragma omp simd
+        for (int64_t p = 0; p < len; p++) {
+            const int32_t b0 = k1[p] + (s1[p] < 0.0f ? k : 0);
+            sl[p] = (b0 < k ? b0 + k : b0 - k) + 1;
+            m[p] = sqrtf(q[p]);
+        }
+        if (bilinear) {
+            int32_t *lo = lower + p0;
+            float *e = term + p0, *a = along + p0;
+#pragma omp simd
+            for (int64_t p = 0; p < len; p++) {  /* side (in s2) and the cosine (in a2) */
+                const int32_t b0 = k1[p] + (s1[p] < 0.0f ? k : 0), b1 = k2[p] + (s2[p] < 0.0f ? k : 0);
+                const int32_t d = b1 - b0 < 0 ? b1 - b0 + 2 * k : b1 - b0;
+                const float dir = (x[p] == 0.0f) & (y[p] == 0.0f) ? 0.0f : d == 1 ? 1.0f : -1.0f;
+                const float denominator = m[p] > 1e-10f ? m[p] : 1e-10f, cosine = a1[p] / denominator;
+                lo[p] = sl[p] - (dir < 0.0f ? 1 : 0);
+                s2[p] = dir;
+                a2[p] = cosine < 1.0f ? cosine : 1.0f;
+            }
+#pragma omp simd
+            for (int64_t p = 0; p < len; p++) {
+                const float signed_weight = hog_acos(a2[p]) * k_pi * s2[p];
+                a[p] = signed_weight;
+                e[p] = m[p] * signed_weight;
             }
         }
     }

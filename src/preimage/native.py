@@ -167,13 +167,14 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_lrn_backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
         lib.preimage_hog_pool.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
         lib.preimage_hog_pool_backward.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
+        lib.preimage_hog_orientations.argtypes = [p, p, p, p, i64, i64, p, p, p, p, p, i32]
         lib.preimage_dsift_maps.argtypes = [p, p, *[i64] * 7, p, i32]
         lib.preimage_dsift_maps_backward.argtypes = [p, p, p, p, *[i64] * 7, p, i32]
         for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32",
                      "preimage_l2_bf16", "preimage_crop", "preimage_uncrop", "preimage_maxpool",
                      "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward",
                      "preimage_lrn", "preimage_lrn_backward", "preimage_hog_pool",
-                     "preimage_hog_pool_backward", "preimage_dsift_maps", "preimage_dsift_maps_backward"):
+                     "preimage_hog_pool_backward", "preimage_hog_orientations", "preimage_dsift_maps", "preimage_dsift_maps_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -537,6 +538,26 @@ def hog_pool_backward(padded: Tensor, slots: list[Tensor], top: Tensor, left: Te
                                    n, hi, wi, padded.shape[1] - 2, padded.shape[2] - 2, n_slots,
                                    torch.get_num_threads())
     return grads
+
+
+def hog_orientations(gx: Tensor, gy: Tensor, g2: Tensor, table: Tensor, bilinear: bool
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """HOG's orientation assignment (``hog._orientations``) with libvl's scan on every pixel: from
+    the fp32 gradients ``gx, gy`` and ``g2 = gx^2 + gy^2`` (any shape, the same) and VLFeat's
+    ``(K, 2)`` table of ``(cos, sin)``, the best orientation slot (int32) and ``|g|``; with
+    ``bilinear`` (``K > 1``) also HOGb's lower slot (int32), ``along = side * w1`` (``side`` = +-1
+    the side of the best centre where the second bin lies, 0 for a null gradient; ``w1`` libvl's
+    weight of the second bin) and ``term = |g| along``."""
+    lib = library(quiet=True)
+    assert lib is not None
+    gx, gy, g2 = gx.contiguous(), gy.contiguous(), g2.contiguous()
+    slot = torch.empty(gx.shape, dtype=torch.int32)
+    magnitude = torch.empty(gx.shape)
+    lower, term, along = ((torch.empty(gx.shape, dtype=torch.int32), torch.empty(gx.shape), torch.empty(gx.shape))
+                          if bilinear else (None, None, None))
+    lib.preimage_hog_orientations(*_pointers((gx, gy, g2, table.contiguous())), gx.numel(), table.shape[0],
+                                  *_pointers((slot, magnitude, lower, term, along)), torch.get_num_threads())
+    return slot, magnitude, lower, term, along
 
 
 def dsift_maps_applies(pixels: Tensor) -> bool:

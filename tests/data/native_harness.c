@@ -28,6 +28,8 @@ int preimage_dsift_maps(const float*, float*, int64_t, int64_t, int64_t, int64_t
                         const float*, int);
 int preimage_dsift_maps_backward(const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
                                  int64_t, int64_t, int64_t, const float*, int);
+int preimage_hog_orientations(const float*, const float*, const float*, const float*, int64_t, int64_t, int32_t*,
+                              float*, int32_t*, float*, float*, int);
 #include <math.h>
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
@@ -103,6 +105,17 @@ int main(void){
     if (preimage_hog_pool(s0,v0,T>1?s1:NULL,T>1?v1:NULL,top,left,corner,cells,N,Hi,Wi,Hc,Wc,S,th)) return 1;
     if (preimage_hog_pool_backward(padded,s0,T>1?s1:NULL,top,left,corner,g0,T>1?g1:NULL,N,Hi,Wi,Hc,Wc,S,th)) return 1;
     free(top);free(left);free(s0);free(s1);free(corner);free(v0);free(v1);free(cells);free(padded);free(g0);free(g1);
+  }
+  /* HOG's orientation scan: 1 to 200 pixels (partial blocks of lanes), K = 1 .. 9, HOG and HOGb,
+   * null gradients, buffers of exactly their size */
+  for (int64_t M=1; M<=200; M+=37) for (int64_t K=1; K<=9; K+=4) for (int bil=0; bil<=(K>1); bil++) for (int th=1; th<=5; th+=2) {
+    float *gx=malloc(M*4), *gy=malloc(M*4), *g2=malloc(M*4), *table=malloc(K*2*4), *mag=malloc(M*4), *term=malloc(M*4), *along=malloc(M*4);
+    int32_t *slot=malloc(M*4), *lower=malloc(M*4);
+    for (int64_t i=0;i<M;i++){ gx[i]=(i%7==0)?0.0f:rnd()*100; gy[i]=(i%7==0)?0.0f:rnd()*100; g2[i]=gx[i]*gx[i]+gy[i]*gy[i]; }
+    for (int64_t k=0;k<K;k++){ table[2*k]=cosf((float)k*3.14159265f/K); table[2*k+1]=sinf((float)k*3.14159265f/K); }
+    if (preimage_hog_orientations(gx,gy,g2,table,M,K,slot,mag,bil?lower:NULL,bil?term:NULL,bil?along:NULL,th)) return 1;
+    for (int64_t i=0;i<M;i++) if (slot[i]<1 || slot[i]>2*K || (bil && (lower[i]<0 || lower[i]>2*K))) { puts("slot out of range"); return 1; }
+    free(gx);free(gy);free(g2);free(table);free(mag);free(term);free(along);free(slot);free(lower);
   }
   /* DSIFT's orientation maps and their transpose: maps wider than the image (padding), inside it
    * (bounds), 2 x 2 images, flat and constant regions (zero gradients), buffers of exactly their size */

@@ -490,8 +490,13 @@ def _orientations(gx: Tensor, gy: Tensor, g2: Tensor, k_or: int, bilinear: bool)
     side of the best centre where the angle (and the second bin) lies.  Their derivatives
     (the weight as the exact angle to the bin centre, see the module docstring) are returned
     as ``along`` / ``across`` factors.
+
+    On the CPU in float32 (not HOGb with ``K = 1``) the C kernel scans every pixel instead
+    (:func:`_scanned_orientations`).
     """
     dtype = gx.dtype
+    if native.hog_applies(gx) and (k_or > 1 or not bilinear):
+        return _scanned_orientations(gx, gy, g2, k_or, bilinear)
     magnitude = _sqrt(g2)
     # the gradient angle in bins, in [-K, K], shifted by K + 1.5 so that its floor is the
     # orientation slot of the nearest bin centre
@@ -536,6 +541,19 @@ def _orientations(gx: Tensor, gy: Tensor, g2: Tensor, k_or: int, bilinear: bool)
     lower = side.clamp(max=0).add_(slot).to(torch.int32)
     signed = side.mul_(w1)  # side * w1
     return _Orientations(slot_index, magnitude, lower, magnitude * signed, signed, k_or / math.pi)
+
+
+def _scanned_orientations(gx: Tensor, gy: Tensor, g2: Tensor, k_or: int, bilinear: bool) -> _Orientations:
+    """:func:`_orientations` in C (:func:`preimage.native.hog_orientations`, fp32 on the CPU, not
+    HOGb with ``K = 1``): libvl's scan on every pixel in one pass, so no ``atan2`` and no rescan
+    of ambiguous pixels.  The same bins and values: bin ``K`` always gets slot 1, where angles
+    just below pi got ``2K + 1`` (the same bin), and HOGb's weight is libvl's ``acosf`` to within
+    an ulp, as :func:`_exact_weight`'s."""
+    table = _tensor(_slot_directions, (k_or,), gx.device, gx.dtype)[k_or + 1 : 2 * k_or + 1]  # bins 0..K-1
+    slot, magnitude, lower, term, along = native.hog_orientations(gx, gy, g2, table, bilinear)
+    if not bilinear:
+        return _Orientations(slot, magnitude, None, None, None, None)
+    return _Orientations(slot, magnitude, lower, term, along, k_or / math.pi)
 
 
 # --------------------------------------------------------------------------------------------
