@@ -271,10 +271,11 @@ def _torch_then_c(phi, x: torch.Tensor, kernels: tuple[str, ...], monkeypatch: p
     dict(size=(3, 9), cell_size=3, num_orientations=4),
 ], ids=["hog-surrogate", "hogb", "hog-exact-colour", "hogb-k1", "3x9"])
 def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """HOG's spatial pooling and its transpose in C (native.hog_pool, hog_pool_backward): HOG's
-    and HOGb's codes and image gradients are those of the PyTorch pooling up to float rounding
-    (the sums run in another order), for one and two pooled terms, odd sizes, thread counts that
-    split images and rows, and images of one interior row."""
+    """HOG's spatial pooling, orientation scan and block normalization in C (native.hog_pool,
+    hog_orientations, hog_normalize and the transposes): HOG's and HOGb's codes and image
+    gradients are those of the PyTorch code up to float rounding (the sums run in another
+    order), for one and two pooled terms, odd sizes, thread counts that split images and rows,
+    and images of one interior row or one cell."""
     from preimage.representations.hog import HOG
 
     torch.manual_seed(0)
@@ -283,7 +284,8 @@ def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pyt
     rep = HOG(**settings)
     x = torch.rand(3, rep.in_channels, *size) * 255
     scan = ("hog_orientations",) if rep.num_orientations > 1 or not config.get("bilinear_orientations") else ()
-    (code, grad), (code_c, grad_c) = _torch_then_c(rep, x, ("hog_pool", "hog_pool_backward", *scan), monkeypatch)
+    kernels = ("hog_pool", "hog_pool_backward", "hog_normalize", "hog_normalize_backward", *scan)
+    (code, grad), (code_c, grad_c) = _torch_then_c(rep, x, kernels, monkeypatch)
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0

@@ -16,6 +16,7 @@
  * preimage_lrn / _backward: Caffe's cross-channel LRN and its gradient (models/caffe.py).
  * preimage_hog_pool / _backward: HOG's bilinear spatial pooling into cells and its transpose (representations/hog.py).
  * preimage_hog_orientations: HOG's orientation assignment, libvl's scan on every pixel (representations/hog.py).
+ * preimage_hog_normalize / _backward: HOG's UoCTTI block normalization and its transpose (representations/hog.py).
  * preimage_dsift_maps / _backward: DSIFT's orientation maps in plain arithmetic and their transpose (representations/dsift.py).
  *
  * Each reads its inputs once and writes its outputs once; inner loops run over the image's
@@ -1202,6 +1203,158 @@ int preimage_hog_orientations(const float *gx, const float *gy, const float *g2,
         }
     }
     return 0;
+}
+
+/* HOG's UoCTTI block normalization (representations/hog.py, _normalize) and its transpose
+ * (_normalize_backward), the PyTorch code's float operations in its order.
+ *
+ * hist: N directed histograms (2K, Hc, Wc), image n at hist + n * hist_stride.  u = h_k + h_{k+K}
+ * (undirected), norm = sum_k u_k^2 per cell; block (i, j), 0 <= i <= Hc, 0 <= j <= Wc, covers the
+ * cells i - 1 .. i, j - 1 .. j (clamped: replicate padding) and has factor 1 / sqrtf(sum of their
+ * norms + 1e-4).  Cell (y, x) is in blocks f0 = (y, x), f1 = (y, x + 1), f2 = (y + 1, x),
+ * f3 = (y + 1, x + 1); with s = (h, u) its 3K stacked values, code (N, 3K + 4, Hc, Wc) is
+ * 0.5 sum_b min(f_b s_c, 0.2) for c < 3K and, for the four blocks b, TEXTURE sum_k min(f_b u_k, 0.2).
+ * The backward pass recomputes all of it from hist and maps the code's gradient to hist's
+ * (N, 2K, Hc, Wc); the clamp passes the gradient up to and including 0.2.  Images are the work
+ * items, each with its own scratch. */
+static void hog_factors(const float *h, int64_t K, int64_t Hc, int64_t Wc, float *u, float *norm, float *factor) {
+    const int64_t HW = Hc * Wc;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t c = 0; c < HW; c++) u[k * HW + c] = h[k * HW + c] + h[(k + K) * HW + c];
+    for (int64_t c = 0; c < HW; c++) norm[c] = 0.0f;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t c = 0; c < HW; c++) norm[c] += u[k * HW + c] * u[k * HW + c];
+    for (int64_t i = 0; i <= Hc; i++) {
+        const int64_t top = (i > 0 ? i - 1 : 0) * Wc, bottom = (i < Hc ? i : Hc - 1) * Wc;
+        for (int64_t j = 0; j <= Wc; j++) {
+            const int64_t left = j > 0 ? j - 1 : 0, right = j < Wc ? j : Wc - 1;
+            const float block = norm[top + left] + norm[top + right] + norm[bottom + left] + norm[bottom + right];
+            factor[i * (Wc + 1) + j] = 1.0f / sqrtf(block + 1e-4f);
+        }
+    }
+}
+
+static inline float hog_clamp(float v) { return v > 0.2f ? 0.2f : v; }
+
+int preimage_hog_normalize(const float *hist, int64_t hist_stride, float *code, int64_t N, int64_t K, int64_t Hc,
+                           int64_t Wc, float texture, int threads) {
+    const int64_t HW = Hc * Wc, F = (Hc + 1) * (Wc + 1);
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *u = (float *)malloc((size_t)(K * HW + HW + F) * sizeof(float));
+        if (!u) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *norm = u + K * HW, *factor = norm + HW;
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                const float *h = hist + n * hist_stride;
+                float *out = code + n * (3 * K + 4) * HW;
+                hog_factors(h, K, Hc, Wc, u, norm, factor);
+                for (int64_t y = 0; y < Hc; y++)
+                    for (int64_t x = 0; x < Wc; x++) {
+                        const int64_t cell = y * Wc + x, f = y * (Wc + 1) + x;
+                        const float f0 = factor[f], f1 = factor[f + 1], f2 = factor[f + Wc + 1], f3 = factor[f + Wc + 2];
+                        float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+                        for (int64_t c = 0; c < 3 * K; c++) {
+                            const float v = c < 2 * K ? h[c * HW + cell] : u[(c - 2 * K) * HW + cell];
+                            const float n0 = hog_clamp(f0 * v), n1 = hog_clamp(f1 * v), n2 = hog_clamp(f2 * v),
+                                        n3 = hog_clamp(f3 * v);
+                            out[c * HW + cell] = (((0.0f + n0) + n1) + n2 + n3) * 0.5f;
+                            if (c >= 2 * K) {
+                                t0 += n0;
+                                t1 += n1;
+                                t2 += n2;
+                                t3 += n3;
+                            }
+                        }
+                        out[(3 * K) * HW + cell] = t0 * texture;
+                        out[(3 * K + 1) * HW + cell] = t1 * texture;
+                        out[(3 * K + 2) * HW + cell] = t2 * texture;
+                        out[(3 * K + 3) * HW + cell] = t3 * texture;
+                    }
+            }
+        }
+        free(u);
+    }
+    return failed ? -1 : 0;
+}
+
+int preimage_hog_normalize_backward(const float *hist, int64_t hist_stride, const float *grad, float *grad_hist,
+                                    int64_t N, int64_t K, int64_t Hc, int64_t Wc, float texture, int threads) {
+    const int64_t HW = Hc * Wc, F = (Hc + 1) * (Wc + 1);
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *u = (float *)malloc((size_t)(K * HW + 2 * HW + 2 * F + K * HW) * sizeof(float));
+        if (!u) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *norm = u + K * HW, *factor = norm + HW, *grad_factor = factor + F, *grad_norm = grad_factor + F,
+                  *grad_u = grad_norm + HW;
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                const float *h = hist + n * hist_stride, *g = grad + n * (3 * K + 4) * HW;
+                float *gh = grad_hist + n * 2 * K * HW;
+                hog_factors(h, K, Hc, Wc, u, norm, factor);
+                for (int64_t f = 0; f < F; f++) grad_factor[f] = 0.0f;
+                for (int64_t y = 0; y < Hc; y++)
+                    for (int64_t x = 0; x < Wc; x++) {
+                        const int64_t cell = y * Wc + x, f = y * (Wc + 1) + x;
+                        const float fb[4] = {factor[f], factor[f + 1], factor[f + Wc + 1], factor[f + Wc + 2]};
+                        float gt[4], gf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        for (int b = 0; b < 4; b++) gt[b] = g[(3 * K + b) * HW + cell] * texture;
+                        for (int64_t c = 0; c < 3 * K; c++) {
+                            const float v = c < 2 * K ? h[c * HW + cell] : u[(c - 2 * K) * HW + cell];
+                            const float half = g[c * HW + cell] * 0.5f;
+                            float gs = 0.0f;
+                            for (int b = 0; b < 4; b++) {
+                                const float pass = fb[b] * v <= 0.2f ? 1.0f : 0.0f;
+                                float gp = pass * half;
+                                if (c >= 2 * K) gp += pass * gt[b];
+                                gf[b] += gp * v;
+                                gs += gp * fb[b];
+                            }
+                            if (c < 2 * K) gh[c * HW + cell] = gs;
+                            else grad_u[(c - 2 * K) * HW + cell] = gs;
+                        }
+                        grad_factor[f] += gf[0];
+                        grad_factor[f + 1] += gf[1];
+                        grad_factor[f + Wc + 1] += gf[2];
+                        grad_factor[f + Wc + 2] += gf[3];
+                    }
+                for (int64_t c = 0; c < HW; c++) grad_norm[c] = 0.0f;
+                for (int64_t i = 0; i <= Hc; i++) {
+                    const int64_t top = (i > 0 ? i - 1 : 0) * Wc, bottom = (i < Hc ? i : Hc - 1) * Wc;
+                    for (int64_t j = 0; j <= Wc; j++) {
+                        const int64_t left = j > 0 ? j - 1 : 0, right = j < Wc ? j : Wc - 1, f = i * (Wc + 1) + j;
+                        const float fc = factor[f], gb = grad_factor[f] * (fc * fc * fc) * -0.5f;
+                        grad_norm[top + left] += gb;
+                        grad_norm[top + right] += gb;
+                        grad_norm[bottom + left] += gb;
+                        grad_norm[bottom + right] += gb;
+                    }
+                }
+                for (int64_t k = 0; k < K; k++)
+                    for (int64_t c = 0; c < HW; c++) {
+                        const float gu = grad_u[k * HW + c] + 2.0f * (u[k * HW + c] * grad_norm[c]);
+                        gh[k * HW + c] += gu;
+                        gh[(k + K) * HW + c] += gu;
+                    }
+            }
+        }
+        free(u);
+    }
+    return failed ? -1 : 0;
 }
 
 /* DSIFT's orientation maps (representations/dsift.py, _orientations and the scatter of

@@ -168,13 +168,16 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_hog_pool.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
         lib.preimage_hog_pool_backward.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
         lib.preimage_hog_orientations.argtypes = [p, p, p, p, i64, i64, p, p, p, p, p, i32]
+        lib.preimage_hog_normalize.argtypes = [p, i64, p, i64, i64, i64, i64, f32, i32]
+        lib.preimage_hog_normalize_backward.argtypes = [p, i64, p, p, i64, i64, i64, i64, f32, i32]
         lib.preimage_dsift_maps.argtypes = [p, p, *[i64] * 7, p, i32]
         lib.preimage_dsift_maps_backward.argtypes = [p, p, p, p, *[i64] * 7, p, i32]
         for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32",
                      "preimage_l2_bf16", "preimage_crop", "preimage_uncrop", "preimage_maxpool",
                      "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward",
                      "preimage_lrn", "preimage_lrn_backward", "preimage_hog_pool",
-                     "preimage_hog_pool_backward", "preimage_hog_orientations", "preimage_dsift_maps", "preimage_dsift_maps_backward"):
+                     "preimage_hog_pool_backward", "preimage_hog_orientations", "preimage_hog_normalize",
+                     "preimage_hog_normalize_backward", "preimage_dsift_maps", "preimage_dsift_maps_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -558,6 +561,42 @@ def hog_orientations(gx: Tensor, gy: Tensor, g2: Tensor, table: Tensor, bilinear
     lib.preimage_hog_orientations(*_pointers((gx, gy, g2, table.contiguous())), gx.numel(), table.shape[0],
                                   *_pointers((slot, magnitude, lower, term, along)), torch.get_num_threads())
     return slot, magnitude, lower, term, along
+
+
+def _images_of(hist: Tensor) -> Tensor:
+    """``hist`` ``(N, 2K, Hc, Wc)`` with each image's block contiguous (image ``n`` at
+    ``n * hist.stride(0)``), copied only when it is not."""
+    _, c, h, w = hist.shape
+    return hist if hist.stride()[1:] == (h * w, w, 1) and hist.stride(0) >= c * h * w else hist.contiguous()
+
+
+def hog_normalize(hist: Tensor, texture: float) -> Tensor:
+    """HOG's UoCTTI block normalization (``hog._normalize``): the ``(N, 3K + 4, Hc, Wc)`` codes of
+    the fp32 directed histograms ``hist`` ``(N, 2K, Hc, Wc)``, ``texture`` the texture features'
+    factor."""
+    lib = library(quiet=True)
+    assert lib is not None
+    hist = _images_of(hist)
+    n, two_k, hc, wc = hist.shape
+    code = torch.empty(n, 3 * two_k // 2 + 4, hc, wc)
+    if lib.preimage_hog_normalize(hist.data_ptr(), hist.stride(0), code.data_ptr(), n, two_k // 2, hc, wc, texture,
+                                  torch.get_num_threads()) != 0:
+        raise MemoryError("out of memory in the HOG normalization kernel")
+    return code
+
+
+def hog_normalize_backward(hist: Tensor, grad: Tensor, texture: float) -> Tensor:
+    """The transpose of :func:`hog_normalize` at ``hist``: the histograms' gradient
+    ``(N, 2K, Hc, Wc)`` from the codes' gradient ``grad`` ``(N, 3K + 4, Hc, Wc)``."""
+    lib = library(quiet=True)
+    assert lib is not None
+    hist, grad = _images_of(hist), grad.to(torch.float32).contiguous()
+    n, two_k, hc, wc = hist.shape
+    out = torch.empty(n, two_k, hc, wc)
+    if lib.preimage_hog_normalize_backward(hist.data_ptr(), hist.stride(0), grad.data_ptr(), out.data_ptr(), n,
+                                           two_k // 2, hc, wc, texture, torch.get_num_threads()) != 0:
+        raise MemoryError("out of memory in the HOG normalization kernel")
+    return out
 
 
 def dsift_maps_applies(pixels: Tensor) -> bool:

@@ -30,6 +30,9 @@ int preimage_dsift_maps_backward(const float*, const float*, float*, float*, int
                                  int64_t, int64_t, int64_t, const float*, int);
 int preimage_hog_orientations(const float*, const float*, const float*, const float*, int64_t, int64_t, int32_t*,
                               float*, int32_t*, float*, float*, int);
+int preimage_hog_normalize(const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t, float, int);
+int preimage_hog_normalize_backward(const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                                    float, int);
 #include <math.h>
 static float rnd(void){ return (float)rand()/RAND_MAX*2-1; }
 int main(void){
@@ -116,6 +119,17 @@ int main(void){
     if (preimage_hog_orientations(gx,gy,g2,table,M,K,slot,mag,bil?lower:NULL,bil?term:NULL,bil?along:NULL,th)) return 1;
     for (int64_t i=0;i<M;i++) if (slot[i]<1 || slot[i]>2*K || (bil && (lower[i]<0 || lower[i]>2*K))) { puts("slot out of range"); return 1; }
     free(gx);free(gy);free(g2);free(table);free(mag);free(term);free(along);free(slot);free(lower);
+  }
+  /* HOG's block normalization and its transpose: one cell and up, K = 1 .. 9, images spaced
+   * apart in a larger buffer (hist_stride), buffers of exactly their size */
+  for (int64_t Hc=1; Hc<=4; Hc+=3) for (int64_t Wc=1; Wc<=5; Wc+=2) for (int64_t K=1; K<=9; K+=4) for (int th=1; th<=5; th+=2) {
+    int64_t N=3, HW=Hc*Wc, st=3*2*K*HW, C=3*K+4;
+    float *hist=malloc(N*st*4), *code=malloc(N*C*HW*4), *grad=malloc(N*C*HW*4), *gh=malloc(N*2*K*HW*4);
+    for (int64_t i=0;i<N*st;i++) hist[i]=fabsf(rnd())*(i%3?1.0f:0.0f);
+    for (int64_t i=0;i<N*C*HW;i++) grad[i]=rnd();
+    if (preimage_hog_normalize(hist+2*K*HW,st,code,N,K,Hc,Wc,0.2357f,th)) return 1;
+    if (preimage_hog_normalize_backward(hist+2*K*HW,st,grad,gh,N,K,Hc,Wc,0.2357f,th)) return 1;
+    free(hist);free(code);free(grad);free(gh);
   }
   /* DSIFT's orientation maps and their transpose: maps wider than the image (padding), inside it
    * (bounds), 2 x 2 images, flat and constant regions (zero gradients), buffers of exactly their size */

@@ -678,7 +678,10 @@ def _normalize(hist: Tensor, value: int, keep: int | None) -> tuple[Tensor, tupl
     f h)`` for ``h`` directed and undirected, and ``0.2357 sum_k min(0.2, f u_k)`` per block
     (texture).  With ``keep``, what :func:`_normalize_backward` needs to differentiate the code
     of histogram ``keep`` is returned too (without computing that code when ``keep != value``).
+    On the CPU in float32 the C kernel does it (:func:`preimage.native.hog_normalize`).
     """
+    if native.hog_applies(hist):  # in C, the backward pass recomputing from the kept histogram
+        return native.hog_normalize(hist[:, value], _TEXTURE_FACTOR), (() if keep is None else (hist[:, keep],))
     n, codes, two_k, hc, wc = hist.shape
     k_or = two_k // 2
     hist = hist.reshape(n * codes, two_k, hc, wc)
@@ -703,11 +706,14 @@ def _normalize(hist: Tensor, value: int, keep: int | None) -> tuple[Tensor, tupl
     return torch.cat([normalized.sum(dim=0).mul_(0.5), texture.transpose(0, 1)], dim=1), saved
 
 
-def _normalize_backward(
-    grad: Tensor, undirected: Tensor, factor: Tensor, stacked: Tensor, passing: Tensor
-) -> Tensor:
-    """Transpose of :func:`_normalize` (one code): ``(N, 3K + 4, Hc, Wc)`` -> ``(N, 2K, Hc, Wc)``.
-    The clamp passes the gradient up to and including 0.2."""
+def _normalize_backward(grad: Tensor, *saved: Tensor) -> Tensor:
+    """Transpose of :func:`_normalize` (one code): ``(N, 3K + 4, Hc, Wc)`` -> ``(N, 2K, Hc, Wc)``,
+    given what it saved: the kept histogram (the C kernels, :func:`preimage.native.hog_normalize`,
+    which recompute the rest) or ``undirected, factor, stacked, passing``.  The clamp passes the
+    gradient up to and including 0.2."""
+    if len(saved) == 1:
+        return native.hog_normalize_backward(saved[0], grad, _TEXTURE_FACTOR)
+    undirected, factor, stacked, passing = saved
     k_or = undirected.shape[1]
     two_k = 2 * k_or
     factors = _block_factors(factor)
