@@ -72,7 +72,9 @@ size, device and dtype.
 
 * Orientations come from one ``atan2`` and a rounding; libvl's scan is replayed only on the
   few ambiguous pixels (found with numpy's ``flatnonzero`` on CPU, much faster than
-  ``torch.nonzero`` and torch's comparisons).
+  ``torch.nonzero`` and torch's comparisons).  On the CPU in float32 the C kernel
+  (:func:`preimage.native.hog_orientations`) runs libvl's scan on every pixel instead, with
+  ``|g|`` and HOGb's terms, in one vectorized pass (0.17 -> 0.07 ms per image).
 * HOGb's two assignments are rewritten as ``|g|`` at the best bin plus a *difference term*:
   with ``lo`` the lower of the two (neighbouring) bins and ``e = +-|g| w1`` (``+`` when the
   second bin is above the best one), HOGb's histogram is ``P(|g| @ best) + P(e @ lo + 1) -
@@ -91,6 +93,11 @@ size, device and dtype.
   adds its terms times VLFeat's corner weights ``wy wx`` straight into its four cells, and
   gathers them back, in one pass (HOG 160², 16 images, 2 cores: pooling 0.44 -> 0.12 ms per
   image, its transpose 0.23 -> 0.06; the engine step 1.1-1.3 -> 0.63-0.71 ms per image).
+* The block normalization (:func:`_normalize`) is some thirty whole-batch operations on the
+  cell histograms; on the CPU in float32, one pass per image in C
+  (:func:`preimage.native.hog_normalize`), whose transpose recomputes it from the histogram
+  (0.08 -> 0.01 ms per image forward, 0.07 -> 0.03 back).  With the three kernels the engine
+  step is 0.39-0.40 ms per image.
 """
 
 from __future__ import annotations
