@@ -1178,6 +1178,7 @@ int preimage_hog_orientations(const float *gx, const float *gy, const float *g2,
 #pragma omp simd
         for (int64_t p = 0; p < len; p++) {
             const int32_t b0 = k1[p] + (s1[p] < 0.0f ? k : 0);
+            k1[p] = b0; /* from here on the best directed bin */
             sl[p] = (b0 < k ? b0 + k : b0 - k) + 1;
             m[p] = sqrtf(q[p]);
         }
@@ -1186,7 +1187,7 @@ int preimage_hog_orientations(const float *gx, const float *gy, const float *g2,
             float *e = term + p0, *a = along + p0;
 #pragma omp simd
             for (int64_t p = 0; p < len; p++) {  /* side (in s2) and the cosine (in a2) */
-                const int32_t b0 = k1[p] + (s1[p] < 0.0f ? k : 0), b1 = k2[p] + (s2[p] < 0.0f ? k : 0);
+                const int32_t b0 = k1[p], b1 = k2[p] + (s2[p] < 0.0f ? k : 0);
                 const int32_t d = b1 - b0 < 0 ? b1 - b0 + 2 * k : b1 - b0;
                 const float dir = (x[p] == 0.0f) & (y[p] == 0.0f) ? 0.0f : d == 1 ? 1.0f : -1.0f;
                 const float denominator = m[p] > 1e-10f ? m[p] : 1e-10f, cosine = a1[p] / denominator;

@@ -423,6 +423,12 @@ def _pair_slots(k_or: int) -> np.ndarray:
     return np.stack([(b0 + k_or) % two_k + 1, side], axis=1).astype(np.float32)
 
 
+def _bin_directions(k_or: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """VLFeat's ``(K, 2)`` table ``(cos, sin)`` of the undirected bins ``0 .. K - 1`` (slots
+    ``K + 1 .. 2K`` of :func:`_slot_directions`), the directions libvl's scan compares."""
+    return _tensor(_slot_directions, (k_or,), device, dtype)[k_or + 1 : 2 * k_or + 1]
+
+
 def _exact_slots(gx: Tensor, gy: Tensor, k_or: int) -> tuple[Tensor, Tensor]:
     """libvl's orientation scan on ``(M,)`` gradients: the best orientation slot and the side
     of its centre where the second best bin lies (as floats).
@@ -432,7 +438,7 @@ def _exact_slots(gx: Tensor, gy: Tensor, k_or: int) -> tuple[Tensor, Tensor]:
     (a strict ``>`` scan; ``argmax`` returns the first maximum), the second the first maximum
     of the others; a negative score maps ``k`` to ``k + K``.
     """
-    table = _tensor(_slot_directions, (k_or,), gx.device, gx.dtype)[k_or + 1 : 2 * k_or + 1]  # bins 0..K-1
+    table = _bin_directions(k_or, gx.device, gx.dtype)
     scores = gy.unsqueeze(1) * table[:, 1]  # (M, K)
     scores += gx.unsqueeze(1) * table[:, 0]
     magnitudes = scores.abs()
@@ -556,7 +562,7 @@ def _scanned_orientations(gx: Tensor, gy: Tensor, g2: Tensor, k_or: int, bilinea
     of ambiguous pixels.  The same bins and values: bin ``K`` always gets slot 1, where angles
     just below pi got ``2K + 1`` (the same bin), and HOGb's weight is libvl's ``acosf`` to within
     an ulp, as :func:`_exact_weight`'s."""
-    table = _tensor(_slot_directions, (k_or,), gx.device, gx.dtype)[k_or + 1 : 2 * k_or + 1]  # bins 0..K-1
+    table = _bin_directions(k_or, gx.device, gx.dtype)
     slot, magnitude, lower, term, along = native.hog_orientations(gx, gy, g2, table, bilinear)
     if not bilinear:
         return _Orientations(slot, magnitude, None, None, None, None)
