@@ -330,6 +330,9 @@ def test_c_normalization_is_the_torch_normalization():
     # per frame, relative to the frame's gradient (the zero frames' are huge, 1/eps)
     frame_error = (got - want).norm(dim=1) / want.norm(dim=1)
     assert frame_error.max() <= 1e-5, frame_error.max()
+    # the same gradient in the fused binning's (F, N, 128) layout
+    major = native.dsift_normalize_backward(grad, hist, _EPS_F, _CLAMP_F, _SQRT_TINY_F, frames_major=True)
+    assert major.shape == got.shape and major.permute(2, 0, 1).is_contiguous() and torch.equal(major, got)
     assert not native.dsift_normalize(hist.double(), out.double(), _EPS_F, _CLAMP_F, _SQRT_TINY_F)
 
 
@@ -340,7 +343,7 @@ def test_plain_float32_gradient_through_c_matches_float64(fast, monkeypatch):
     gradient, and its descriptors are float64's up to float32 rounding."""
     used = []
     monkeypatch.setattr(native, "dsift_normalize_backward",
-                        lambda *a, real=native.dsift_normalize_backward: used.append(1) or real(*a))
+                        lambda *a, real=native.dsift_normalize_backward, **k: used.append(1) or real(*a, **k))
     rng = np.random.default_rng(0)
     noisy = crop(gray_photo("camera"), 48, 56) + rng.random((48, 56), dtype=np.float32)
     image = torch.from_numpy(noisy)[None, None].expand(2, -1, -1, -1)

@@ -363,26 +363,32 @@ def test_hog_orientations_in_c_as_libvl_scans(k_or: int, bilinear: bool, threads
     dict(size=(50, 61), fast=True),
     dict(size=(20, 26), bin_size=3, step=2),
     dict(size=(60, 64), bounds=(12, 3, 50, 60)),  # maps inside the image: pixels outside get no gradient
-], ids=["default", "dense", "flat-window", "small-bins", "bounds"])
+    dict(size=(44, 47), bin_size=5, step=10, bounds=(2, 4, 43, 45)),  # every other centre a frame's
+    dict(size=(7, 9), bin_size=1, step=1, images=17),  # one-pixel bins; 17 images: three chunks in C
+    dict(size=(70, 24), bin_size=6, images=1),
+], ids=["default", "dense", "flat-window", "small-bins", "bounds", "step-two-bins", "one-pixel-bins", "one-image"])
 def test_dsift_maps_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DSIFT's orientation maps and their transpose in C (native.dsift_maps, dsift_maps_backward):
-    the optimization's descriptors and image gradients are those of the PyTorch arithmetic up to
-    float rounding, for banded and dense binnings, padded maps and bounded ones, and images with
-    flat regions (null gradients, whose angle is arbitrary)."""
+    """DSIFT's orientation maps, spatial binning and their transposes in C (native.dsift_pool and
+    dsift_pool_backward where the bins lie on a grid, the step a multiple of the bin size;
+    dsift_maps and dsift_maps_backward otherwise): the optimization's descriptors and image
+    gradients are those of the PyTorch arithmetic up to float rounding, for padded maps and
+    bounded ones, and images with flat regions (null gradients, whose angle is arbitrary)."""
     from preimage.representations.dsift import DSIFT
 
     torch.manual_seed(0)
     settings = dict(config)
-    size, bounds = settings.pop("size"), settings.pop("bounds", None)
+    size, bounds, images = settings.pop("size"), settings.pop("bounds", None), settings.pop("images", 3)
     rep = DSIFT(**settings).for_optimization()
-    x = torch.rand(3, 1, *size) * 255
-    x[1, :, 10:20, 5:30] = 77.0  # a flat patch
+    x = torch.rand(images, 1, *size) * 255
+    x[-1, :, 10:20, 5:30] = 77.0  # a flat patch
     phi = rep if bounds is None else lambda t: dsift(t, rep.bin_size, rep.step, bounds=bounds, vlfeat_rounding=False)
-    (code, grad), (code_c, grad_c) = _torch_then_c(phi, x, ("dsift_maps", "dsift_maps_backward"), monkeypatch)
+    banded = rep.step % rep.bin_size == 0
+    kernels = ("dsift_pool", "dsift_pool_backward") if banded else ("dsift_maps", "dsift_maps_backward")
+    (code, grad), (code_c, grad_c) = _torch_then_c(phi, x, kernels, monkeypatch)
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-4)  # descriptors are 0 .. 255
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0
-    if bounds is not None:  # rows more than a bin above the first centre (and their differences) get nothing
+    if bounds is not None and bounds[0] > rep.bin_size:  # rows more than a bin above the first centre get nothing
         assert grad[..., : bounds[0] - rep.bin_size, :].abs().max() == 0
         assert grad[..., bounds[0] - rep.bin_size + 1, :].abs().max() > 0
 

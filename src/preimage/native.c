@@ -520,9 +520,10 @@ int preimage_uncrop(const void *grad, const int64_t *offsets, const float *div, 
 /* DSIFT's descriptor normalization in plain arithmetic (representations/dsift.py, _normalize and
  * _normalize_backward; VLFeat's _vl_dsift_normalize_histogram and cyvlfeat's scaling): per frame,
  *   c = min(h / n1, 0.2), n1 = sqrt(sum h^2) + eps;  out = min(512 c / n2, 255), n2 = sqrt(sum c^2) + eps,
- * a root of a sum below `tiny` counting as 0.  h: (N, 128, F) with element strides (sn, sd, sf);
+ * a root of a sum below `tiny` counting as 0 (sums over d in dsift_dot's order).  h: (N, 128, F)
+ * with element strides (sn, sd, sf);
  * out: (N, F, 128), contiguous.  The backward pass recomputes the frame's forward from h and
- * maps grad (N, F, 128; strides gn, gf, gd) to gh (N, 128, F), contiguous.  Threads share frames. */
+ * maps grad (N, F, 128; strides gn, gf, gd) to gh (N, 128, F; strides on, od, of).  Threads share frames. */
 #define DSIFT_D 128
 
 struct dsift_frame {
@@ -530,18 +531,28 @@ struct dsift_frame {
     float n1, inv1, n2, inv2;
 };
 
+/* sum_d a[d] b[d] over a descriptor: 16 partial sums (d mod 16, each in order), then halved
+ * pairwise; a fixed order that vectorizes */
+static inline float dsift_dot(const float *a, const float *b) {
+    float part[16] = {0.0f};
+    for (int d = 0; d < DSIFT_D; d += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[d + l] * b[d + l];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    return part[0];
+}
+
 static void dsift_frame_forward(struct dsift_frame *fr, const float *h, int64_t sd, float eps, float clamp,
                                 float tiny) {
-    float s1 = 0.0f, s2 = 0.0f;
     for (int d = 0; d < DSIFT_D; d++) fr->h[d] = h[d * sd];
-    for (int d = 0; d < DSIFT_D; d++) s1 += fr->h[d] * fr->h[d];
+    const float s1 = dsift_dot(fr->h, fr->h);
     fr->inv1 = s1 >= tiny ? 1.0f / sqrtf(s1) : 0.0f;
     fr->n1 = s1 * fr->inv1 + eps;
     for (int d = 0; d < DSIFT_D; d++) {
         const float c = fr->h[d] / fr->n1;
         fr->c[d] = c < clamp ? c : clamp;
-        s2 += fr->c[d] * fr->c[d];
     }
+    const float s2 = dsift_dot(fr->c, fr->c);
     fr->inv2 = s2 >= tiny ? 1.0f / sqrtf(s2) : 0.0f;
     fr->n2 = s2 * fr->inv2 + eps;
     for (int d = 0; d < DSIFT_D; d++) fr->o[d] = fr->c[d] / fr->n2 * 512.0f;
@@ -565,8 +576,8 @@ int preimage_dsift_normalize(const float *h, int64_t sn, int64_t sd, int64_t sf,
 }
 
 int preimage_dsift_normalize_backward(const float *h, int64_t sn, int64_t sd, int64_t sf, const float *grad,
-                                      int64_t gn, int64_t gf, int64_t gd, float *gh, int64_t N, int64_t F, float eps,
-                                      float clamp, float tiny, int threads) {
+                                      int64_t gn, int64_t gf, int64_t gd, float *gh, int64_t on, int64_t od, int64_t of,
+                                      int64_t N, int64_t F, float eps, float clamp, float tiny, int threads) {
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
@@ -577,20 +588,15 @@ int preimage_dsift_normalize_backward(const float *h, int64_t sn, int64_t sd, in
             const int64_t n = q / F, f = q % F;
             dsift_frame_forward(&fr, h + n * sn + f * sf, sd, eps, clamp, tiny);
             const float *g = grad + n * gn + f * gf;
-            float k2 = 0.0f, k1 = 0.0f;
-            for (int d = 0; d < DSIFT_D; d++) {
-                gv[d] = fr.o[d] <= 255.0f ? g[d * gd] * 512.0f : 0.0f;
-                k2 += gv[d] * fr.c[d];
-            }
-            k2 = k2 * fr.inv2 / fr.n2 / fr.n2;
+            for (int d = 0; d < DSIFT_D; d++) gv[d] = fr.o[d] <= 255.0f ? g[d * gd] * 512.0f : 0.0f;
+            const float k2 = dsift_dot(gv, fr.c) * fr.inv2 / fr.n2 / fr.n2;
             for (int d = 0; d < DSIFT_D; d++) {
                 const float keep1 = fr.h[d] / fr.n1 <= clamp ? 1.0f : 0.0f;
                 gc[d] = (gv[d] / fr.n2 - fr.c[d] * k2) * keep1;
-                k1 += gc[d] * fr.h[d];
             }
-            k1 = k1 * fr.inv1 / fr.n1 / fr.n1;
-            float *out = gh + n * DSIFT_D * F + f;
-            for (int d = 0; d < DSIFT_D; d++) out[d * F] = gc[d] / fr.n1 - fr.h[d] * k1;
+            const float k1 = dsift_dot(gc, fr.h) * fr.inv1 / fr.n1 / fr.n1;
+            float *out = gh + n * on + f * of;
+            for (int d = 0; d < DSIFT_D; d++) out[d * od] = gc[d] / fr.n1 - fr.h[d] * k1;
         }
     }
     return 0;
@@ -1435,6 +1441,51 @@ static inline struct dsift_pixel dsift_pixel(const float *c, const struct dsift_
 
 #define DSIFT_LANES 16 /* images computed together (the loop over them vectorizes) */
 
+/* the maps of `lanes` <= DSIFT_LANES neighbouring images at one pixel: c the first image's sample
+ * (pixel-major, the images innermost), o its 8 orientations, then the next image's */
+static inline void dsift_maps_block(const float *c, const struct dsift_taps *taps, int lanes,
+                                    struct dsift_constants k, float *o) {
+    float w0[DSIFT_LANES], w1[DSIFT_LANES];
+    int b0[DSIFT_LANES];
+#pragma omp simd
+    for (int j = 0; j < lanes; j++) {
+        const struct dsift_pixel p = dsift_pixel(c + j, taps, k);
+        b0[j] = p.bin0;
+        w0[j] = (-p.frac + 1.0f) * p.mod;
+        w1[j] = p.frac * p.mod;
+    }
+    for (int j = 0; j < lanes * 8; j++) o[j] = 0.0f;
+    for (int j = 0; j < lanes; j++) {
+        o[j * 8 + b0[j]] = w0[j];
+        o[j * 8 + ((b0[j] + 1) & 7)] = w1[j];
+    }
+}
+
+/* its transpose: the maps' gradient g (same layout as o) -> the gradients of the finite
+ * differences gx, gy at the pixel (one per image, contiguous) */
+static inline void dsift_maps_block_backward(const float *c, const float *g, const struct dsift_taps *taps,
+                                             int lanes, struct dsift_constants k, float *dgx, float *dgy) {
+    const float c3x3 = k.c3 * 3.0f, scale2 = (float)(2.0 * (8.0 / (2.0 * 3.14159265358979323846)));
+#pragma omp simd
+    for (int j = 0; j < lanes; j++) {
+        const struct dsift_pixel p = dsift_pixel(c + j, taps, k);
+        const float g0 = g[j * 8 + p.bin0], g1 = g[j * 8 + ((p.bin0 + 1) & 7)];
+        const float dg = g1 - g0;
+        float dmod = g0 + p.frac * dg;
+        float cc = p.ratio * p.ratio;
+        cc = cc * c3x3 - k.c1;
+        cc = cc * (dg * p.mod);
+        cc = cc * scale2;
+        cc = cc / p.den;
+        cc = cc / p.den;
+        const float gx = cc * p.ay * p.sy;
+        const float gy = -(cc * p.ax * p.sx);
+        dmod = dmod * p.inv;
+        dgx[j] = gx + dmod * p.gx;
+        dgy[j] = gy + dmod * p.gy;
+    }
+}
+
 int preimage_dsift_maps(const float *pix, float *maps, int64_t N, int64_t H, int64_t W, int64_t first_r, int64_t R,
                         int64_t first_c, int64_t Cm, const float *constants, int threads) {
     const struct dsift_constants k = dsift_constants(constants);
@@ -1448,22 +1499,7 @@ int preimage_dsift_maps(const float *pix, float *maps, int64_t N, int64_t H, int
             const struct dsift_taps taps = dsift_taps(y, x, H, W, N);
             for (int64_t n0 = 0; n0 < N; n0 += DSIFT_LANES) {
                 const int lanes = N - n0 < DSIFT_LANES ? (int)(N - n0) : DSIFT_LANES;
-                float w0[DSIFT_LANES], w1[DSIFT_LANES];
-                int b0[DSIFT_LANES];
-                const float *c = pix + (y * W + x) * N + n0;
-#pragma omp simd
-                for (int j = 0; j < lanes; j++) {
-                    const struct dsift_pixel p = dsift_pixel(c + j, &taps, k);
-                    b0[j] = p.bin0;
-                    w0[j] = (-p.frac + 1.0f) * p.mod;
-                    w1[j] = p.frac * p.mod;
-                }
-                float *o = out + n0 * 8;
-                for (int j = 0; j < lanes * 8; j++) o[j] = 0.0f;
-                for (int j = 0; j < lanes; j++) {
-                    o[j * 8 + b0[j]] = w0[j];
-                    o[j * 8 + ((b0[j] + 1) & 7)] = w1[j];
-                }
+                dsift_maps_block(pix + (y * W + x) * N + n0, &taps, lanes, k, out + n0 * 8);
             }
         }
     }
@@ -1475,7 +1511,6 @@ int preimage_dsift_maps_backward(const float *pix, const float *G, float *dgx, f
                                  int threads) {
     const struct dsift_constants k = dsift_constants(constants);
     if (threads < 1) threads = 1;
-    const float c3x3 = k.c3 * 3.0f, scale2 = (float)(2.0 * (8.0 / (2.0 * 3.14159265358979323846)));
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t y = 0; y < H; y++) {
         for (int64_t x = 0; x < W; x++) {
@@ -1488,27 +1523,353 @@ int preimage_dsift_maps_backward(const float *pix, const float *G, float *dgx, f
             const struct dsift_taps taps = dsift_taps(y, x, H, W, N);
             for (int64_t n0 = 0; n0 < N; n0 += DSIFT_LANES) {
                 const int lanes = N - n0 < DSIFT_LANES ? (int)(N - n0) : DSIFT_LANES;
-#pragma omp simd
-                for (int j = 0; j < lanes; j++) {
-                    const int64_t n = n0 + j;
-                    const struct dsift_pixel p = dsift_pixel(pix + q + n, &taps, k);
-                    const float g0 = g[n * 8 + p.bin0], g1 = g[n * 8 + ((p.bin0 + 1) & 7)];
-                    const float dg = g1 - g0;
-                    float dmod = g0 + p.frac * dg;
-                    float c = p.ratio * p.ratio;
-                    c = c * c3x3 - k.c1;
-                    c = c * (dg * p.mod);
-                    c = c * scale2;
-                    c = c / p.den;
-                    c = c / p.den;
-                    const float gx = c * p.ay * p.sy;
-                    const float gy = -(c * p.ax * p.sx);
-                    dmod = dmod * p.inv;
-                    dgx[q + n] = gx + dmod * p.gx;
-                    dgy[q + n] = gy + dmod * p.gy;
-                }
+                dsift_maps_block_backward(pix + q + n0, g + n0 * 8, &taps, lanes, k, dgx + q + n0, dgy + q + n0);
             }
         }
     }
     return 0;
+}
+
+/* DSIFT's banded spatial binning (representations/dsift.py: _histograms and _histograms_backward
+ * when every bin centre lies on a grid of spacing s, plain arithmetic) fused with the orientation
+ * maps, and its transpose fused with the maps' transpose and the finite differences' adjoint.
+ *
+ * Along the rows (dsift._Axis) the maps span the virtual rows v = 0 .. (Jr + 1) s - 1, image row
+ * clamp(first_r + v, 0, H - 1) (padding by continuity), and row output (j, b), centre j < Jr and
+ * bin b < 4, is sum_q kr[b][q] maps[j s + q], q < 2s; the columns likewise (first_c, Jc, kc).  Bin b
+ * of frame k is centre b + ratio k.  pix is the (H, W, N) pixel-major image; hist (F, N, 128):
+ * frame ky nfx + kx, image, dimension t + 8 bx + 32 by.  The maps are never stored: a worker owns
+ * up to POOL_IMAGES images (their 8 orientations each: the lanes, vectorized) and a band of centres,
+ * computes the maps rows it needs into a ring of 2s rows and bins them, 4 bins at once per column,
+ * then bins the 4 row outputs along the columns.  The backward pass first maps hist's gradient
+ * through the column binning's transpose (lines L[j][b], one per row output), then, per band of
+ * image rows, gathers each maps row's gradient from the (at most 8) lines over it, s rows at a time,
+ * and the pixel's derivative (dsift_maps_block_backward) gives the finite differences' gradients,
+ * whose adjoint is a last pass over the image. */
+#define POOL_IMAGES 8
+
+struct dsift_grid {
+    int64_t N, H, W, first_r, Jr, first_c, Jc, s, ratio, nfy, nfx;
+    int64_t xs, ncols; /* the image columns the maps read: xs .. xs + ncols - 1 */
+};
+
+static inline int64_t clamp_index(int64_t v, int64_t n) { return v < 0 ? 0 : v >= n ? n - 1 : v; }
+
+/* the frame k whose bin b is centre j along an axis, or -1 */
+static inline int64_t pool_frame(int64_t j, int64_t b, int64_t ratio, int64_t frames) {
+    const int64_t d = j - b;
+    return d >= 0 && d % ratio == 0 && d / ratio < frames ? d / ratio : -1;
+}
+
+/* image columns: the maps' columns are image columns xs .. xs + ncols - 1 */
+static inline int64_t pool_column(const struct dsift_grid *g, int64_t u) {
+    return clamp_index(g->first_c + u, g->W) - g->xs;
+}
+
+/* the maps row of image row y for images n0 .. n0 + cn - 1: out[c][image][t] */
+static void pool_maps_row(const float *pix, const struct dsift_grid *g, int64_t y, int64_t n0, int64_t cn,
+                          struct dsift_constants k, float *out) {
+    for (int64_t c = 0; c < g->ncols; c++) {
+        const int64_t x = g->xs + c;
+        const struct dsift_taps taps = dsift_taps(y, x, g->H, g->W, g->N);
+        dsift_maps_block(pix + (y * g->W + x) * g->N + n0, &taps, (int)cn, k, out + c * cn * 8);
+    }
+}
+
+/* the 4 row outputs of 32 samples e .. e + 31 of a maps row (src[q]: the row of tap q), in
+ * registers: GCC's vector extension (portable C; contracted to FMAs here, as an array of
+ * accumulators would be kept on the stack) */
+typedef float pool_v8 __attribute__((vector_size(32)));
+typedef float pool_v8u __attribute__((vector_size(32), aligned(4)));
+#define POOL_BLOCK 32
+
+static void __attribute__((noinline, optimize("fp-contract=fast")))
+pool_rows4(const float *const *src, const float *kr, int64_t taps, int64_t e, float *lines, int64_t row) {
+    pool_v8 a[4][4] = {{{0}}};
+    for (int64_t q = 0; q < taps; q++) {
+        const pool_v8u *m = (const pool_v8u *)(src[q] + e);
+        const pool_v8 m0 = m[0], m1 = m[1], m2 = m[2], m3 = m[3];
+        for (int b = 0; b < 4; b++) {
+            const float k = kr[b * taps + q];
+            a[b][0] += k * m0;
+            a[b][1] += k * m1;
+            a[b][2] += k * m2;
+            a[b][3] += k * m3;
+        }
+    }
+    for (int b = 0; b < 4; b++)
+        for (int i = 0; i < 4; i++) *(pool_v8u *)(lines + b * row + e + 8 * i) = a[b][i];
+}
+
+/* the same for 8 samples */
+static void pool_rows4_tail(const float *const *src, const float *kr, int64_t taps, int64_t e, float *lines,
+                            int64_t row) {
+    float a[4][8] = {{0}};
+    for (int64_t q = 0; q < taps; q++)
+        for (int b = 0; b < 4; b++)
+            for (int l = 0; l < 8; l++) a[b][l] = fmaf(kr[b * taps + q], src[q][e + l], a[b][l]);
+    for (int b = 0; b < 4; b++)
+        for (int l = 0; l < 8; l++) lines[b * row + e + l] = a[b][l];
+}
+
+static int pool_forward_item(const float *pix, float *hist, const struct dsift_grid *g, const float *kr,
+                             const float *kc, struct dsift_constants k, int64_t n0, int64_t cn, int64_t j0,
+                             int64_t j1) {
+    const int64_t s = g->s, taps = 2 * s, lanes = cn * 8, row = g->ncols * lanes;
+    float *ring = malloc((size_t)((taps + 4) * row) * sizeof(float) + (size_t)taps * sizeof(float *));
+    if (!ring) return -1;
+    float *lines = ring + taps * row;
+    const float **src = (const float **)(lines + 4 * row); /* the ring row of each tap */
+    int64_t done = -1; /* the last image row in the ring (slot y % taps) */
+    for (int64_t j = j0; j < j1; j++) {
+        int any = 0;
+        for (int64_t b = 0; b < 4; b++) any |= pool_frame(j, b, g->ratio, g->nfy) >= 0;
+        if (!any) continue;
+        const int64_t lo = clamp_index(g->first_r + j * s, g->H), hi = clamp_index(g->first_r + j * s + taps - 1, g->H);
+        for (int64_t y = lo > done + 1 ? lo : done + 1; y <= hi; y++)
+            pool_maps_row(pix, g, y, n0, cn, k, ring + (y % taps) * row);
+        if (hi > done) done = hi;
+        for (int64_t q = 0; q < taps; q++) src[q] = ring + (clamp_index(g->first_r + j * s + q, g->H) % taps) * row;
+        int64_t e = 0; /* the 4 row outputs, POOL_BLOCK samples at a time */
+        for (; e + POOL_BLOCK <= row; e += POOL_BLOCK) pool_rows4(src, kr, taps, e, lines, row);
+        for (; e < row; e += 8) pool_rows4_tail(src, kr, taps, e, lines, row);
+        for (int64_t b = 0; b < 4; b++) {
+            const int64_t ky = pool_frame(j, b, g->ratio, g->nfy);
+            if (ky < 0) continue;
+            for (int64_t jc = 0; jc < g->Jc; jc++)
+                for (int64_t bx = 0; bx < 4; bx++) {
+                    const int64_t kx = pool_frame(jc, bx, g->ratio, g->nfx);
+                    if (kx < 0) continue;
+                    float o[POOL_IMAGES * 8];
+                    for (int64_t l = 0; l < lanes; l++) o[l] = 0.0f;
+                    for (int64_t q = 0; q < taps; q++) {
+                        const float *m = lines + b * row + pool_column(g, jc * s + q) * lanes;
+                        const float kq = kc[bx * taps + q];
+                        for (int64_t l = 0; l < lanes; l++) o[l] = fmaf(kq, m[l], o[l]);
+                    }
+                    float *dst = hist + ((ky * g->nfx + kx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
+                    for (int64_t i = 0; i < cn; i++)
+                        for (int64_t t = 0; t < 8; t++) dst[i * DSIFT_D + t] = o[i * 8 + t];
+                }
+        }
+    }
+    free(ring);
+    return 0;
+}
+
+static struct dsift_grid pool_grid(int64_t N, int64_t H, int64_t W, int64_t first_r, int64_t Jr, int64_t first_c,
+                                   int64_t Jc, int64_t s, int64_t ratio, int64_t nfy, int64_t nfx) {
+    struct dsift_grid g = {N, H, W, first_r, Jr, first_c, Jc, s, ratio, nfy, nfx, 0, 0};
+    g.xs = clamp_index(first_c, W);
+    g.ncols = clamp_index(first_c + (Jc + 1) * s - 1, W) - g.xs + 1;
+    return g;
+}
+
+/* the images split into chunks of at most POOL_IMAGES, as even as possible: chunk i starts at
+ * image chunk_start(i) */
+static inline int64_t chunk_start(int64_t i, int64_t chunks, int64_t N) { return N * i / chunks; }
+
+int preimage_dsift_pool(const float *pix, float *hist, int64_t N, int64_t H, int64_t W, int64_t first_r, int64_t Jr,
+                        int64_t first_c, int64_t Jc, int64_t s, int64_t ratio, int64_t nfy, int64_t nfx, const float *kr,
+                        const float *kc, const float *constants, int threads) {
+    const struct dsift_constants k = dsift_constants(constants);
+    const struct dsift_grid g = pool_grid(N, H, W, first_r, Jr, first_c, Jc, s, ratio, nfy, nfx);
+    if (threads < 1) threads = 1;
+    const int64_t chunks = (N + POOL_IMAGES - 1) / POOL_IMAGES;
+    int64_t bands = (threads + chunks - 1) / chunks;
+    if (bands > Jr) bands = Jr;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t item = 0; item < chunks * bands; item++) {
+        const int64_t i = item / bands, band = item % bands;
+        const int64_t n0 = chunk_start(i, chunks, N), n1 = chunk_start(i + 1, chunks, N);
+        failed |= pool_forward_item(pix, hist, &g, kr, kc, k, n0, n1 - n0, Jr * band / bands,
+                                    Jr * (band + 1) / bands) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* backward, 1: the lines L[j][b][c][lanes] of chunk i (at L + n0 * 8 * Jr * 4 * ncols): the column
+ * binning's transpose of hist's gradient, for the row outputs of centre j that a frame uses */
+static void pool_lines(const float *ghist, float *L, const struct dsift_grid *g, const float *kc, int64_t n0,
+                       int64_t cn, int64_t j) {
+    const int64_t s = g->s, taps = 2 * s, lanes = cn * 8, row = g->ncols * lanes;
+    for (int64_t b = 0; b < 4; b++) {
+        const int64_t ky = pool_frame(j, b, g->ratio, g->nfy);
+        if (ky < 0) continue;
+        float *line = L + (j * 4 + b) * row;
+        for (int64_t e = 0; e < row; e++) line[e] = 0.0f;
+        for (int64_t jc = 0; jc < g->Jc; jc++)
+            for (int64_t bx = 0; bx < 4; bx++) {
+                const int64_t kx = pool_frame(jc, bx, g->ratio, g->nfx);
+                if (kx < 0) continue;
+                float gv[POOL_IMAGES * 8];
+                const float *src = ghist + ((ky * g->nfx + kx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
+                for (int64_t i = 0; i < cn; i++)
+                    for (int64_t t = 0; t < 8; t++) gv[i * 8 + t] = src[i * DSIFT_D + t];
+                for (int64_t q = 0; q < taps; q++) {
+                    float *m = line + pool_column(g, jc * s + q) * lanes;
+                    const float kq = kc[bx * taps + q];
+                    for (int64_t l = 0; l < lanes; l++) m[l] = fmaf(kq, gv[l], m[l]);
+                }
+            }
+    }
+}
+
+/* backward, 2: the maps' gradient of virtual rows i s .. i s + s - 1 (block i) into G[r][c][lanes]:
+ * the lines of centres i (taps r) and i - 1 (taps s + r), 8 of them (fewer at the ends: padded
+ * with a line and null taps), 16 samples at a time in registers, all s rows from them */
+static void __attribute__((noinline, optimize("fp-contract=fast")))
+pool_block(const float *L, float *G, const struct dsift_grid *g, const float *kr, int64_t lanes, int64_t i,
+           const float *zeros) {
+    const int64_t s = g->s, taps = 2 * s, row = g->ncols * lanes;
+    const float *src[8], *tap[8];
+    int used = 0;
+    for (int64_t j = i; j >= i - 1; j--) {
+        if (j < 0 || j >= g->Jr) continue;
+        for (int64_t b = 0; b < 4; b++)
+            if (pool_frame(j, b, g->ratio, g->nfy) >= 0) {
+                src[used] = L + (j * 4 + b) * row;
+                tap[used++] = kr + b * taps + (i - j) * s;
+            }
+    }
+    if (!used) {
+        for (int64_t e = 0; e < s * row; e++) G[e] = 0.0f;
+        return;
+    }
+    for (int m = used; m < 8; m++) {
+        src[m] = src[0];
+        tap[m] = zeros;
+    }
+    int64_t e = 0;
+    for (; e + 16 <= row; e += 16) {
+        pool_v8 in[8][2];
+        for (int m = 0; m < 8; m++) {
+            in[m][0] = *(const pool_v8u *)(src[m] + e);
+            in[m][1] = *(const pool_v8u *)(src[m] + e + 8);
+        }
+        for (int64_t r = 0; r < s; r++) {
+            pool_v8 a0 = tap[0][r] * in[0][0], a1 = tap[0][r] * in[0][1];
+            for (int m = 1; m < 8; m++) {
+                a0 += tap[m][r] * in[m][0];
+                a1 += tap[m][r] * in[m][1];
+            }
+            *(pool_v8u *)(G + r * row + e) = a0;
+            *(pool_v8u *)(G + r * row + e + 8) = a1;
+        }
+    }
+    for (; e < row; e += 8) {
+        pool_v8 in[8];
+        for (int m = 0; m < 8; m++) in[m] = *(const pool_v8u *)(src[m] + e);
+        for (int64_t r = 0; r < s; r++) {
+            pool_v8 a = tap[0][r] * in[0];
+            for (int m = 1; m < 8; m++) a += tap[m][r] * in[m];
+            *(pool_v8u *)(G + r * row + e) = a;
+        }
+    }
+}
+
+/* backward, 2: image rows y0 .. y1 - 1 of chunk i: the finite differences' gradients dgx, dgy
+ * ((H, W, N), this chunk's images) */
+static int pool_backward_rows(const float *pix, const float *L, float *dgx, float *dgy, const struct dsift_grid *g,
+                              const float *kr, struct dsift_constants k, int64_t n0, int64_t cn, int64_t y0,
+                              int64_t y1) {
+    const int64_t s = g->s, lanes = cn * 8, row = g->ncols * lanes, V = (g->Jr + 1) * s;
+    float *G = malloc((size_t)((s + 1) * row + 2 * s) * sizeof(float));
+    if (!G) return -1;
+    float *sum = G + s * row, *zeros = sum + row; /* null taps */
+    for (int64_t e = 0; e < 2 * s; e++) zeros[e] = 0.0f;
+    int64_t block = -1;
+    for (int64_t y = y0; y < y1; y++) {
+        const int64_t v = y - g->first_r;
+        const int64_t vlo = y == 0 ? 0 : v, vhi = y == g->H - 1 ? V - 1 : v;
+        const int64_t lo = vlo > 0 ? vlo : 0, hi = vhi < V - 1 ? vhi : V - 1;
+        const float *grad = NULL; /* the row's maps gradient */
+        if (v >= 0 && v < V && lo <= hi) {
+            for (int64_t u = lo; u <= hi; u++) {
+                if (u / s != block) {
+                    block = u / s;
+                    pool_block(L, G, g, kr, lanes, block, zeros);
+                }
+                const float *part = G + (u - block * s) * row;
+                if (lo == hi) {
+                    grad = part;
+                } else {
+                    if (u == lo)
+                        for (int64_t e = 0; e < row; e++) sum[e] = part[e];
+                    else
+                        for (int64_t e = 0; e < row; e++) sum[e] += part[e];
+                    grad = sum;
+                }
+            }
+        }
+        for (int64_t x = 0; x < g->W; x++) {
+            const int64_t q = (y * g->W + x) * g->N + n0, c = x - g->xs;
+            if (grad == NULL || c < 0 || c >= g->ncols) {
+                for (int64_t i = 0; i < cn; i++) dgx[q + i] = dgy[q + i] = 0.0f;
+                continue;
+            }
+            const struct dsift_taps taps = dsift_taps(y, x, g->H, g->W, g->N);
+            dsift_maps_block_backward(pix + q, grad + c * lanes, &taps, (int)cn, k, dgx + q, dgy + q);
+        }
+    }
+    free(G);
+    return 0;
+}
+
+int preimage_dsift_pool_backward(const float *pix, const float *ghist, float *gimage, int64_t N, int64_t H, int64_t W,
+                                 int64_t first_r, int64_t Jr, int64_t first_c, int64_t Jc, int64_t s, int64_t ratio,
+                                 int64_t nfy, int64_t nfx, const float *kr, const float *kc, const float *constants,
+                                 int threads) {
+    const struct dsift_constants k = dsift_constants(constants);
+    const struct dsift_grid g = pool_grid(N, H, W, first_r, Jr, first_c, Jc, s, ratio, nfy, nfx);
+    if (threads < 1) threads = 1;
+    const int64_t chunks = (N + POOL_IMAGES - 1) / POOL_IMAGES, per_image = 8 * Jr * 4 * g.ncols;
+    int64_t bands = (threads + chunks - 1) / chunks;
+    if (bands > H) bands = H;
+    float *L = malloc((size_t)(N * per_image + 2 * H * W * N) * sizeof(float));
+    if (!L) return -1;
+    float *dgx = L + N * per_image, *dgy = dgx + H * W * N;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < chunks * Jr; item++) {
+            const int64_t i = item / Jr, j = item % Jr;
+            const int64_t n0 = chunk_start(i, chunks, N), n1 = chunk_start(i + 1, chunks, N);
+            pool_lines(ghist, L + n0 * per_image, &g, kc, n0, n1 - n0, j);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < chunks * bands; item++) {
+            const int64_t i = item / bands, band = item % bands;
+            const int64_t n0 = chunk_start(i, chunks, N), n1 = chunk_start(i + 1, chunks, N);
+            failed |= pool_backward_rows(pix, L + n0 * per_image, dgx, dgy, &g, kr, k, n0, n1 - n0,
+                                         H * band / bands, H * (band + 1) / bands) != 0;
+        }
+        /* the finite differences' adjoint (dsift._image_gradients_adjoint): row y receives
+         * fx dgx of its own pixels at their two taps, fy dgy of rows y - 1 .. y + 1 at theirs */
+#pragma omp for schedule(static)
+        for (int64_t y = 0; y < H; y++) {
+            float *out = gimage + y * W * N;
+            for (int64_t e = 0; e < W * N; e++) out[e] = 0.0f;
+            for (int64_t x = 0; x < W; x++) {
+                const struct dsift_taps t = dsift_taps(y, x, H, W, N);
+                const float *a = dgx + (y * W + x) * N;
+                float *after = out + x * N + t.xa, *before = out + x * N + t.xb;
+                for (int64_t n = 0; n < N; n++) after[n] += t.fx * a[n];
+                for (int64_t n = 0; n < N; n++) before[n] -= t.fx * a[n];
+            }
+            for (int64_t yy = y > 0 ? y - 1 : 0; yy <= y + 1 && yy < H; yy++) {
+                const struct dsift_taps t = dsift_taps(yy, 0, H, W, N);
+                const int64_t a_row = yy + t.ya / (W * N), b_row = yy + t.yb / (W * N);
+                const float *b = dgy + yy * W * N;
+                if (a_row == y)
+                    for (int64_t e = 0; e < W * N; e++) out[e] += t.fy * b[e];
+                if (b_row == y)
+                    for (int64_t e = 0; e < W * N; e++) out[e] -= t.fy * b[e];
+            }
+        }
+    }
+    free(L);
+    return failed ? -1 : 0;
 }

@@ -161,8 +161,8 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_maxpool.argtypes = [p, p, p, *[i64] * 12, i32, i32, i32, i32]
         lib.preimage_maxpool_backward.argtypes = [p, p, p, *[i64] * 12, i32, i32, i32]
         lib.preimage_dsift_normalize.argtypes = [p, i64, i64, i64, p, i64, i64, f32, f32, f32, i32]
-        lib.preimage_dsift_normalize_backward.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, f32, f32,
-                                                          f32, i32]
+        lib.preimage_dsift_normalize_backward.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, i64,
+                                                          i64, f32, f32, f32, i32]
         lib.preimage_lrn.argtypes = [p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
         lib.preimage_lrn_backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
         lib.preimage_hog_pool.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
@@ -172,12 +172,15 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_hog_normalize_backward.argtypes = [p, i64, p, p, i64, i64, i64, i64, f32, i32]
         lib.preimage_dsift_maps.argtypes = [p, p, *[i64] * 7, p, i32]
         lib.preimage_dsift_maps_backward.argtypes = [p, p, p, p, *[i64] * 7, p, i32]
+        lib.preimage_dsift_pool.argtypes = [p, p, *[i64] * 11, p, p, p, i32]
+        lib.preimage_dsift_pool_backward.argtypes = [p, p, p, *[i64] * 11, p, p, p, i32]
         for name in ("preimage_update", "preimage_update_window", "preimage_window_canvas", "preimage_l2_f32",
                      "preimage_l2_bf16", "preimage_crop", "preimage_uncrop", "preimage_maxpool",
                      "preimage_maxpool_backward", "preimage_dsift_normalize", "preimage_dsift_normalize_backward",
                      "preimage_lrn", "preimage_lrn_backward", "preimage_hog_pool",
                      "preimage_hog_pool_backward", "preimage_hog_orientations", "preimage_hog_normalize",
-                     "preimage_hog_normalize_backward", "preimage_dsift_maps", "preimage_dsift_maps_backward"):
+                     "preimage_hog_normalize_backward", "preimage_dsift_maps", "preimage_dsift_maps_backward",
+                     "preimage_dsift_pool", "preimage_dsift_pool_backward"):
             getattr(lib, name).restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 - no compiler, a failed build, an unloadable file
@@ -389,16 +392,18 @@ def dsift_normalize(hist: Tensor, out: Tensor, eps: float, clamp: float, tiny: f
     return True
 
 
-def dsift_normalize_backward(grad: Tensor, hist: Tensor, eps: float, clamp: float, tiny: float) -> Tensor:
-    """The gradient w.r.t. ``hist`` ``(N, 128, F)`` (a new contiguous tensor) of
-    :func:`dsift_normalize`, given ``grad`` ``(N, F, 128)`` (any strides); the frame's forward
-    arithmetic is recomputed from ``hist``."""
+def dsift_normalize_backward(grad: Tensor, hist: Tensor, eps: float, clamp: float, tiny: float,
+                             frames_major: bool = False) -> Tensor:
+    """The gradient w.r.t. ``hist`` ``(N, 128, F)`` of :func:`dsift_normalize`, given ``grad``
+    ``(N, F, 128)`` (any strides); the frame's forward arithmetic is recomputed from ``hist``.
+    A new tensor, contiguous, or with ``frames_major`` a view of a contiguous ``(F, N, 128)`` one
+    (the layout of :func:`dsift_pool`)."""
     lib = library(quiet=True)
     assert lib is not None and grad.dtype == hist.dtype == torch.float32
     N, _, F = hist.shape
-    gh = torch.empty(N, 128, F)
+    gh = torch.empty(F, N, 128).permute(1, 2, 0) if frames_major else torch.empty(N, 128, F)
     lib.preimage_dsift_normalize_backward(hist.data_ptr(), *hist.stride(), grad.data_ptr(), *grad.stride(),
-                                          gh.data_ptr(), N, F, eps, clamp, tiny, torch.get_num_threads())
+                                          gh.data_ptr(), *gh.stride(), N, F, eps, clamp, tiny, torch.get_num_threads())
     return gh
 
 
@@ -631,3 +636,36 @@ def dsift_maps_backward(pixels: Tensor, grad: Tensor, rows: tuple[int, int], col
     lib.preimage_dsift_maps_backward(pixels.data_ptr(), grad.data_ptr(), dgx.data_ptr(), dgy.data_ptr(), N, H, W,
                                      *rows, *cols, constants.data_ptr(), torch.get_num_threads())
     return dgx, dgy
+
+
+def dsift_pool(pixels: Tensor, grid: tuple[int, ...], kernels: tuple[Tensor, Tensor], constants: Tensor) -> Tensor:
+    """DSIFT's orientation maps and banded spatial binning in one pass (``dsift._histograms`` with
+    banded axes, plain arithmetic): the ``(F, N, 128)`` spatial histograms (frames, images,
+    dimension ``t + 8 bx + 32 by``) of the ``(H, W, N)`` pixel-major image ``pixels``.
+    ``grid``: ``(rows.first, rows.centres, cols.first, cols.centres, bin size, step / bin size,
+    nfy, nfx)``; ``kernels``: the rows' and columns' ``(4, 2s)`` fp32 window kernels;
+    ``constants``: as :func:`dsift_maps`.  The maps are not stored (see ``native.c``)."""
+    lib = library(quiet=True)
+    assert lib is not None and pixels.is_contiguous() and all(k.is_contiguous() for k in kernels)
+    H, W, N = pixels.shape
+    hist = torch.empty(grid[-2] * grid[-1], N, 128)
+    if lib.preimage_dsift_pool(pixels.data_ptr(), hist.data_ptr(), N, H, W, *grid, kernels[0].data_ptr(),
+                               kernels[1].data_ptr(), constants.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("dsift_pool: out of memory for its row buffers")
+    return hist
+
+
+def dsift_pool_backward(pixels: Tensor, grad: Tensor, grid: tuple[int, ...], kernels: tuple[Tensor, Tensor],
+                        constants: Tensor) -> Tensor:
+    """The transpose of :func:`dsift_pool`: the ``(H, W, N)`` gradient of the image ``pixels``
+    (finite differences included) from ``grad``, the histograms' ``(F, N, 128)`` gradient
+    (contiguous); each pixel's forward arithmetic is recomputed from ``pixels``."""
+    lib = library(quiet=True)
+    assert lib is not None and grad.is_contiguous() and pixels.is_contiguous()
+    H, W, N = pixels.shape
+    out = torch.empty(H, W, N)
+    if lib.preimage_dsift_pool_backward(pixels.data_ptr(), grad.data_ptr(), out.data_ptr(), N, H, W, *grid,
+                                        kernels[0].data_ptr(), kernels[1].data_ptr(), constants.data_ptr(),
+                                        torch.get_num_threads()):
+        raise MemoryError("dsift_pool_backward: out of memory for its line buffers")
+    return out

@@ -15,7 +15,7 @@ int preimage_uncrop(const void*, const int64_t*, const float*, float*, int64_t, 
                     int64_t, int64_t, int64_t, int64_t, int64_t, int, int);
 int preimage_dsift_normalize(const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t, float, float, float, int);
 int preimage_dsift_normalize_backward(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
-                                      float*, int64_t, int64_t, float, float, float, int);
+                                      float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, float, float, int);
 int preimage_maxpool(const void*, void*, uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                      int64_t, int64_t, int64_t, int64_t, int, int, int, int);
 int preimage_maxpool_backward(const void*, const uint8_t*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
@@ -28,6 +28,11 @@ int preimage_dsift_maps(const float*, float*, int64_t, int64_t, int64_t, int64_t
                         const float*, int);
 int preimage_dsift_maps_backward(const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
                                  int64_t, int64_t, int64_t, const float*, int);
+int preimage_dsift_pool(const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, int64_t, int64_t, const float*, const float*, const float*, int);
+int preimage_dsift_pool_backward(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+                                 const float*, int);
 int preimage_hog_orientations(const float*, const float*, const float*, const float*, int64_t, int64_t, int32_t*,
                               float*, int32_t*, float*, float*, int);
 int preimage_hog_normalize(const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t, float, int);
@@ -68,7 +73,7 @@ int main(void){
     for (int64_t i=0;i<m;i++){h[i]=rnd()>0?rnd()*9:0; g[i]=rnd();}
     int64_t sn=128*F, sd=tr?1:F, sf=tr?128:1;
     if (preimage_dsift_normalize(h,sn,sd,sf,o,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
-    if (preimage_dsift_normalize_backward(h,sn,sd,sf,g,F*128,128,1,gh,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
+    if (preimage_dsift_normalize_backward(h,sn,sd,sf,g,F*128,128,1,gh,128*F,F,1,N,F,1.2e-7f,0.2f,1e-8f,th)) return 1;
     free(h);free(o);free(g);free(gh);
   }
   /* max pooling and its gradient: (kernel, stride, pad, ceil) geometries, C across the 16-lane
@@ -143,6 +148,24 @@ int main(void){
     if (preimage_dsift_maps(pix,maps,N,H,W,fr,R,fc,Cm,dk,th)) return 1;
     if (preimage_dsift_maps_backward(pix,G,dx,dy,N,H,W,fr,R,fc,Cm,dk,th)) return 1;
     free(pix);free(maps);free(G);free(dx);free(dy);
+  }
+  /* DSIFT's fused maps and banded binning and their transpose: one-pixel bins, steps of one and
+   * two bins, frames inside the image (bounds), uneven chunks of images (9, 17), more threads than
+   * centres, buffers of exactly their size */
+  int64_t bshapes[][7]={{4,4,1,1,1,0,0},{9,13,3,2,2,0,0},{20,17,9,3,6,0,0},{16,16,17,4,4,0,0},{30,25,5,4,8,3,2},{4,6,2,1,1,0,1}};
+  for (int q=0;q<6;q++) for (int th=1; th<=9; th+=4) {
+    int64_t H=bshapes[q][0], W=bshapes[q][1], N=bshapes[q][2], s=bshapes[q][3], step=bshapes[q][4], ymin=bshapes[q][5], xmin=bshapes[q][6];
+    int64_t ratio=step/s, nfy=(H-1-ymin-3*s)/step+1, nfx=(W-1-xmin-3*s)/step+1;
+    if (H-1-ymin-3*s<0 || W-1-xmin-3*s<0) { puts("bad pool shape"); return 1; }
+    int64_t Jr=(nfy-1)*ratio+4, Jc=(nfx-1)*ratio+4, F=nfy*nfx;
+    float *pix=malloc(H*W*N*4), *hist=malloc(F*N*128*4), *gh=malloc(F*N*128*4), *gi=malloc(H*W*N*4);
+    float *kr=malloc(4*2*s*4), *kc=malloc(4*2*s*4);
+    for (int64_t i=0;i<H*W*N;i++) pix[i]=(i%5==0)?7.0f:rnd()*255;
+    for (int64_t i=0;i<F*N*128;i++) gh[i]=rnd();
+    for (int64_t i=0;i<8*s;i++){kr[i]=rnd(); kc[i]=rnd();}
+    if (preimage_dsift_pool(pix,hist,N,H,W,ymin-s+1,Jr,xmin-s+1,Jc,s,ratio,nfy,nfx,kr,kc,dk,th)) return 1;
+    if (preimage_dsift_pool_backward(pix,gh,gi,N,H,W,ymin-s+1,Jr,xmin-s+1,Jc,s,ratio,nfy,nfx,kr,kc,dk,th)) return 1;
+    free(pix);free(hist);free(gh);free(gi);free(kr);free(kc);
   }
   puts("ok"); return 0;
 }

@@ -666,6 +666,23 @@ def _native_constants() -> Tensor:
     return torch.tensor([_EPS_F, _ATAN_C3, _ATAN_C1, _PI_4_F, _PI_2_F, _2PI_F, _SQRT_TINY_F], dtype=torch.float32)
 
 
+class _Pooled(NamedTuple):
+    """What the backward pass of the C path (:func:`preimage.native.dsift_pool`) needs."""
+
+    plane: Tensor
+    """The ``(H, W, N)`` pixel-major images."""
+    grid: tuple[int, ...]
+    """:func:`_pool_grid`."""
+    kernels: tuple[Tensor, Tensor]
+    """The rows' and columns' ``(4, 2s)`` window kernels."""
+
+
+def _pool_grid(rows: _Axis, cols: _Axis, geom: _Geom) -> tuple[int, ...]:
+    """The banded binning's geometry as :func:`preimage.native.dsift_pool` takes it."""
+    return (rows.first, rows.centres, cols.first, cols.centres, geom.bin_size, geom.step // geom.bin_size,
+            geom.nfy, geom.nfx)
+
+
 def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, tuple]:
     """``(n, 1, H, W)`` images -> ``(n, 128, F)`` spatial histograms of oriented gradients,
     and what :func:`_histograms_backward` needs.
@@ -686,9 +703,14 @@ def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, 
     major = image.permute(2, 3, 0, 1).contiguous()  # (H, W, N, 1)
     pixels = _pixel_major(major)
     inner = n * _NUM_ORI
+    plane = major.view(h, w, n)
+    if not vlfeat_math and rows.kernel is not None and native.dsift_maps_applies(plane):  # maps and binning in C
+        pooled = _Pooled(plane, _pool_grid(rows, cols, geom), (_tensor(rows.kernel, ("kernel", rows.key), image),
+                                                                  _tensor(cols.kernel, ("kernel", cols.key), image)))
+        hist = native.dsift_pool(plane, pooled.grid, pooled.kernels, _native_constants())  # (F, n, 128)
+        return hist.permute(1, 2, 0), pooled
     maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, image)  # + trash
     state: tuple
-    plane = major.view(h, w, n)
     if not vlfeat_math and native.dsift_maps_applies(plane):  # in C, one pass
         native.dsift_maps(plane, maps, (rows.first, rows.size), (cols.first, cols.size), _native_constants())
         state = (plane, None, not flat_vlfeat, None)  # no index1: the backward recomputes from the image
@@ -730,6 +752,11 @@ def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, 
 def _histograms_backward(grad: Tensor, state: tuple, geom: _Geom) -> Tensor:
     """Transpose of :func:`_histograms`: ``(n, 128, F)`` -> the ``(n, 1, H, W)`` image gradient
     (pixel-major)."""
+    if isinstance(state, _Pooled):  # C: the binning, the maps and the finite differences transposed at once
+        h, w, n = state.plane.shape
+        out = native.dsift_pool_backward(state.plane, grad.permute(2, 0, 1).contiguous(), state.grid, state.kernels,
+                                         _native_constants())
+        return _pixel_major(out.view(h, w, n, 1))
     index0, index1, banded, saved = state
     if index1 is None:  # the C forward's state: the (H, W, N) image
         h, w, n = index0.shape
@@ -875,7 +902,8 @@ class _DSIFTFunction(torch.autograd.Function):
         parts = zip(grad.split(size), out.split(size), states)
         for grad_part, out_part, (histograms, normalization) in parts:
             if isinstance(normalization, Tensor):
-                hist_grad = native.dsift_normalize_backward(grad_part, normalization, _EPS_F, _CLAMP_F, _SQRT_TINY_F)
+                hist_grad = native.dsift_normalize_backward(grad_part, normalization, _EPS_F, _CLAMP_F, _SQRT_TINY_F,
+                                                            frames_major=isinstance(histograms, _Pooled))
             else:
                 hist_grad = _normalize_backward(grad_part.transpose(1, 2), normalization)
             out_part.copy_(_histograms_backward(hist_grad, histograms, geom))
