@@ -244,6 +244,28 @@ def test_stats_then_maximize_with_M(images, tmp_path):
         run("maximize", *model, "--layer", "pool1", "--stats", out, "--out", tmp_path / "am2"))
 
 
+def test_maximize_warns_about_units_that_never_fire(tmp_path):
+    """A rectified unit inactive on the random start has no gradient: maximize says so (and marks
+    it in its JSON) instead of leaving a blank image unexplained; a live unit gets no warning."""
+    factory = tmp_path / "net.py"
+    factory.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    conv = torch.nn.Conv2d(3, 2, 3)\n"
+        "    with torch.no_grad():\n"
+        "        conv.bias[0] = -1e9  # unit 0 never fires\n"
+        "    return torch.nn.Sequential(conv, torch.nn.ReLU())\n")
+    out = tmp_path / "am"
+    r = run("maximize", "--module", f"{factory}:make", "--layer", "1", "--units", "0,1", "--size", "16",
+            "--iterations", "20", "--out", out)
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "unit(s) 0 (seed 0) stayed at activation 0" in warning[0]
+    sides = [json.loads(p.read_text()) for p in sorted(out.glob("maximize.*.unit*.seed0.json"))]
+    assert [(s["unit"], s["inactive"]) for s in sides] == [(0, True), (1, False)]
+    assert sides[1]["activation"] > 0
+
+
 def test_outputs_get_the_usual_file_mode(tmp_path):
     import os
 

@@ -536,13 +536,22 @@ def maximize(rep: str | None, model_spec: str | None, module: str | None, layer:
                 Ms = _stats_maxima(stats_file, layer or "", unit_list)
             result = api_maximize(representation, (size, size), unit_list, seeds=seed_list, M=Ms, settings=settings,
                                   device=device, callback=_step_callback(progress, task))
+        inactive = []
         for n, el in enumerate(result.elements):
             png = out / f"maximize.{name}.unit{el['unit']}.seed{el['seed']}.png"
             save_png(result.images[n], png)
-            save_json({**el, "activation": float(result.activation[n]), "error": float(result.error[n]),
+            # exactly 0: a rectified unit that never fired, so it never had a gradient to follow
+            dead = float(result.activation[n]) == 0.0
+            save_json({**el, "activation": float(result.activation[n]), "inactive": dead, "error": float(result.error[n]),
                        "final_energies": result.final_energies(n), "config": result.config}, png.with_suffix(".json"))
             click.echo(f"unit {el['unit']} seed {el['seed']}: activation {float(result.activation[n]):.4g} -> {png}")
+            inactive += [f"{el['unit']} (seed {el['seed']})"] if dead else []
         save_png(grid(list(result.images), columns=len(seed_list)), out / f"maximize.{name}.grid.png")
+        if inactive:
+            click.echo(f"warning: unit(s) {', '.join(inactive)} stayed at activation 0: rectified units that did not "
+                       "fire on the random start get no gradient, and their images show only the regularizers; "
+                       "maximize them before the ReLU (e.g. the convolution that feeds it: see 'preimage layers') "
+                       "or try other --seeds", err=True)
 
 
 @main.command()

@@ -35,7 +35,12 @@ slower than memory allows.  ``native.c`` does the same arithmetic in one pass ea
 * :func:`dsift_maps` / :func:`dsift_maps_backward` -- DSIFT's orientation maps (gradients, fast
   atan2 angle, modulus, the split between two bins) in plain arithmetic and their transpose, one
   pass each where torch's form made some twenty element-wise passes, a zero fill and two
-  ``index_add_`` (two ``index_select`` and a dozen passes back).
+  ``index_add_`` (two ``index_select`` and a dozen passes back);
+* :func:`dsift_pool` / :func:`dsift_pool_backward` -- the same maps fused with DSIFT's banded
+  spatial binning (the usual geometry, the step a multiple of the bin size), the maps never
+  stored (rows computed into a small ring and binned, 4 bins at once in registers); the transpose
+  fused with the maps' and the finite differences' (where torch's form padded the maps, made
+  two batched products each way and a strided copy of the descriptors).
 
 Measured on 2 cores (benchmarks/README.md): 16 x 3 x 227 x 227 update 4.7 -> ~1.4 ms; the
 VGG-VD-16 conv1_1 loss (16 x 64 x 224 x 224, bf16) 42 -> ~14 ms.

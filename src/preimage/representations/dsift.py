@@ -864,7 +864,11 @@ class _DSIFTFunction(torch.autograd.Function):
     2.0 -> 0.3 ms forward, 2.0 -> 0.5 ms backward for 8 images of 160²), and so do the
     orientation maps (:func:`preimage.native.dsift_maps`: gradients, angle, modulus and the
     scatter into the maps in one pass; its backward pass recomputes a pixel's arithmetic from the
-    image rather than keeping a dozen per-pixel tensors).
+    image rather than keeping a dozen per-pixel tensors).  With banded axes (the step a multiple
+    of the bin size) the maps and both binnings are one kernel (:func:`preimage.native.dsift_pool`,
+    the maps never stored; the histograms in ``(F, n, 128)`` order), and so is the transpose, down
+    to the image (:func:`preimage.native.dsift_pool_backward`): 0.53 -> 0.30 ms per image for a
+    forward and backward pass at 160², batch 16.
 
     The images are processed in groups of about :data:`_GROUP_PIXELS` pixels: the per-pixel
     temporaries of a group stay in the processor's cache (and in memory the process already
