@@ -540,11 +540,11 @@ def maximize(rep: str | None, model_spec: str | None, module: str | None, layer:
         for n, el in enumerate(result.elements):
             png = out / f"maximize.{name}.unit{el['unit']}.seed{el['seed']}.png"
             save_png(result.images[n], png)
-            # exactly 0: a rectified unit that never fired, so it never had a gradient to follow
-            dead = float(result.activation[n]) == 0.0
-            save_json({**el, "activation": float(result.activation[n]), "inactive": dead, "error": float(result.error[n]),
+            activation = float(result.activation[n])
+            dead = activation == 0.0  # exactly 0: a rectified unit that never fired had no gradient to follow
+            save_json({**el, "activation": activation, "inactive": dead, "error": float(result.error[n]),
                        "final_energies": result.final_energies(n), "config": result.config}, png.with_suffix(".json"))
-            click.echo(f"unit {el['unit']} seed {el['seed']}: activation {float(result.activation[n]):.4g} -> {png}")
+            click.echo(f"unit {el['unit']} seed {el['seed']}: activation {activation:.4g} -> {png}")
             inactive += [f"{el['unit']} (seed {el['seed']})"] if dead else []
         save_png(grid(list(result.images), columns=len(seed_list)), out / f"maximize.{name}.grid.png")
         if inactive:

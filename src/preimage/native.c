@@ -1785,7 +1785,7 @@ static int pool_backward_rows(const float *pix, const float *L, float *dgx, floa
         const int64_t vlo = y == 0 ? 0 : v, vhi = y == g->H - 1 ? V - 1 : v;
         const int64_t lo = vlo > 0 ? vlo : 0, hi = vhi < V - 1 ? vhi : V - 1;
         const float *grad = NULL; /* the row's maps gradient */
-        if (v >= 0 && v < V && lo <= hi) {
+        if (v >= 0 && v < V) { /* then lo <= v <= hi */
             for (int64_t u = lo; u <= hi; u++) {
                 if (u / s != block) {
                     block = u / s;

@@ -667,20 +667,24 @@ def _native_constants() -> Tensor:
 
 
 class _Pooled(NamedTuple):
-    """What the backward pass of the C path (:func:`preimage.native.dsift_pool`) needs."""
+    """The state of the C path (:func:`preimage.native.dsift_pool`): its backward pass needs only
+    the images (and the geometry, :func:`_pool_args`)."""
 
     plane: Tensor
     """The ``(H, W, N)`` pixel-major images."""
-    grid: tuple[int, ...]
-    """:func:`_pool_grid`."""
-    kernels: tuple[Tensor, Tensor]
-    """The rows' and columns' ``(4, 2s)`` window kernels."""
 
 
 def _pool_grid(rows: _Axis, cols: _Axis, geom: _Geom) -> tuple[int, ...]:
     """The banded binning's geometry as :func:`preimage.native.dsift_pool` takes it."""
     return (rows.first, rows.centres, cols.first, cols.centres, geom.bin_size, geom.step // geom.bin_size,
             geom.nfy, geom.nfx)
+
+
+def _pool_args(rows: _Axis, cols: _Axis, geom: _Geom, like: Tensor) -> tuple:
+    """``(grid, kernels, constants)`` of :func:`preimage.native.dsift_pool` and its transpose for
+    banded ``rows`` and ``cols`` (the tables cached as tensors like ``like``)."""
+    kernels = (_tensor(rows.kernel, ("kernel", rows.key), like), _tensor(cols.kernel, ("kernel", cols.key), like))
+    return _pool_grid(rows, cols, geom), kernels, _native_constants()
 
 
 def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, tuple]:
@@ -705,10 +709,8 @@ def _histograms(image: Tensor, geom: _Geom, vlfeat_math: bool) -> tuple[Tensor, 
     inner = n * _NUM_ORI
     plane = major.view(h, w, n)
     if not vlfeat_math and rows.kernel is not None and native.dsift_maps_applies(plane):  # maps and binning in C
-        pooled = _Pooled(plane, _pool_grid(rows, cols, geom), (_tensor(rows.kernel, ("kernel", rows.key), image),
-                                                                  _tensor(cols.kernel, ("kernel", cols.key), image)))
-        hist = native.dsift_pool(plane, pooled.grid, pooled.kernels, _native_constants())  # (F, n, 128)
-        return hist.permute(1, 2, 0), pooled
+        hist = native.dsift_pool(plane, *_pool_args(rows, cols, geom, image))  # (F, n, 128)
+        return hist.permute(1, 2, 0), _Pooled(plane)
     maps = _scratch("maps", rows.size * cols.size * inner + _NUM_ORI, image)  # + trash
     state: tuple
     if not vlfeat_math and native.dsift_maps_applies(plane):  # in C, one pass
@@ -754,8 +756,8 @@ def _histograms_backward(grad: Tensor, state: tuple, geom: _Geom) -> Tensor:
     (pixel-major)."""
     if isinstance(state, _Pooled):  # C: the binning, the maps and the finite differences transposed at once
         h, w, n = state.plane.shape
-        out = native.dsift_pool_backward(state.plane, grad.permute(2, 0, 1).contiguous(), state.grid, state.kernels,
-                                         _native_constants())
+        out = native.dsift_pool_backward(state.plane, grad.permute(2, 0, 1).contiguous(),
+                                         *_pool_args(*_axes(geom, True), geom, grad))
         return _pixel_major(out.view(h, w, n, 1))
     index0, index1, banded, saved = state
     if index1 is None:  # the C forward's state: the (H, W, N) image
