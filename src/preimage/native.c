@@ -1566,13 +1566,38 @@ static inline int64_t pool_column(const struct dsift_grid *g, int64_t u) {
     return clamp_index(g->first_c + u, g->W) - g->xs;
 }
 
+/* the inner columns x0 .. x1 - 1 the maps read (their differences have the same taps), when the
+ * chunk holds all the images, so that neighbouring columns' samples are contiguous and a run of
+ * columns is computed as one block of lanes (batch 1 would otherwise be computed a sample at a
+ * time); x0 = -1 otherwise */
+struct pool_interior {
+    int64_t x0, x1;
+};
+
+static inline struct pool_interior pool_interior(const struct dsift_grid *g, int64_t cn) {
+    const int64_t x_end = g->xs + g->ncols;
+    struct pool_interior in = {g->xs > 1 ? g->xs : 1, x_end < g->W - 1 ? x_end : g->W - 1};
+    if (cn != g->N || in.x0 >= in.x1) in.x0 = in.x1 = -1;
+    return in;
+}
+
 /* the maps row of image row y for images n0 .. n0 + cn - 1: out[c][image][t] */
 static void pool_maps_row(const float *pix, const struct dsift_grid *g, int64_t y, int64_t n0, int64_t cn,
                           struct dsift_constants k, float *out) {
-    for (int64_t c = 0; c < g->ncols; c++) {
-        const int64_t x = g->xs + c;
+    const int64_t x_end = g->xs + g->ncols;
+    struct pool_interior in = pool_interior(g, cn);
+    for (int64_t x = g->xs; x < x_end;) {
         const struct dsift_taps taps = dsift_taps(y, x, g->H, g->W, g->N);
-        dsift_maps_block(pix + (y * g->W + x) * g->N + n0, &taps, (int)cn, k, out + c * cn * 8);
+        if (x == in.x0) { /* a run of columns with the same taps, DSIFT_LANES samples at a time */
+            const int64_t total = (in.x1 - in.x0) * cn;
+            for (int64_t e = 0; e < total; e += DSIFT_LANES)
+                dsift_maps_block(pix + (y * g->W + x) * g->N + e, &taps, (int)(total - e < DSIFT_LANES ? total - e : DSIFT_LANES),
+                                 k, out + ((x - g->xs) * cn + e) * 8);
+            x = in.x1;
+            continue;
+        }
+        dsift_maps_block(pix + (y * g->W + x) * g->N + n0, &taps, (int)cn, k, out + (x - g->xs) * cn * 8);
+        x++;
     }
 }
 
@@ -1612,6 +1637,27 @@ static void pool_rows4_tail(const float *const *src, const float *kr, int64_t ta
         for (int l = 0; l < 8; l++) lines[b * row + e + l] = a[b][l];
 }
 
+/* the column binning of a row output's line (lanes per column) at centre jc: o[bx][lanes], the 4
+ * bins at once, 8 lanes at a time in registers */
+static void __attribute__((noinline, optimize("fp-contract=fast")))
+pool_columns4(const float *line, const struct dsift_grid *g, const float *kc, int64_t lanes, int64_t jc, float *o) {
+    const int64_t s = g->s, taps = 2 * s;
+    for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
+        pool_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t q = 0; q < taps; q++) {
+            const pool_v8 m = *(const pool_v8u *)(line + pool_column(g, jc * s + q) * lanes + l0);
+            a0 += kc[q] * m;
+            a1 += kc[taps + q] * m;
+            a2 += kc[2 * taps + q] * m;
+            a3 += kc[3 * taps + q] * m;
+        }
+        *(pool_v8u *)(o + l0) = a0;
+        *(pool_v8u *)(o + lanes + l0) = a1;
+        *(pool_v8u *)(o + 2 * lanes + l0) = a2;
+        *(pool_v8u *)(o + 3 * lanes + l0) = a3;
+    }
+}
+
 static int pool_forward_item(const float *pix, float *hist, const struct dsift_grid *g, const float *kr,
                              const float *kc, struct dsift_constants k, int64_t n0, int64_t cn, int64_t j0,
                              int64_t j1) {
@@ -1636,21 +1682,17 @@ static int pool_forward_item(const float *pix, float *hist, const struct dsift_g
         for (int64_t b = 0; b < 4; b++) {
             const int64_t ky = pool_frame(j, b, g->ratio, g->nfy);
             if (ky < 0) continue;
-            for (int64_t jc = 0; jc < g->Jc; jc++)
+            for (int64_t jc = 0; jc < g->Jc; jc++) {
+                float o[4 * POOL_IMAGES * 8];
+                pool_columns4(lines + b * row, g, kc, lanes, jc, o);
                 for (int64_t bx = 0; bx < 4; bx++) {
                     const int64_t kx = pool_frame(jc, bx, g->ratio, g->nfx);
                     if (kx < 0) continue;
-                    float o[POOL_IMAGES * 8];
-                    for (int64_t l = 0; l < lanes; l++) o[l] = 0.0f;
-                    for (int64_t q = 0; q < taps; q++) {
-                        const float *m = lines + b * row + pool_column(g, jc * s + q) * lanes;
-                        const float kq = kc[bx * taps + q];
-                        for (int64_t l = 0; l < lanes; l++) o[l] = fmaf(kq, m[l], o[l]);
-                    }
                     float *dst = hist + ((ky * g->nfx + kx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
                     for (int64_t i = 0; i < cn; i++)
-                        for (int64_t t = 0; t < 8; t++) dst[i * DSIFT_D + t] = o[i * 8 + t];
+                        for (int64_t t = 0; t < 8; t++) dst[i * DSIFT_D + t] = o[bx * lanes + i * 8 + t];
                 }
+            }
         }
     }
     free(ring);
@@ -1690,29 +1732,41 @@ int preimage_dsift_pool(const float *pix, float *hist, int64_t N, int64_t H, int
 }
 
 /* backward, 1: the lines L[j][b][c][lanes] of chunk i (at L + n0 * 8 * Jr * 4 * ncols): the column
- * binning's transpose of hist's gradient, for the row outputs of centre j that a frame uses */
-static void pool_lines(const float *ghist, float *L, const struct dsift_grid *g, const float *kc, int64_t n0,
-                       int64_t cn, int64_t j) {
+ * binning's transpose of hist's gradient, for the row outputs of centre j that a frame uses; the 4
+ * bins of a centre at once, 8 lanes at a time */
+static void __attribute__((noinline, optimize("fp-contract=fast")))
+pool_lines(const float *ghist, float *L, const struct dsift_grid *g, const float *kc, int64_t n0, int64_t cn,
+           int64_t j) {
     const int64_t s = g->s, taps = 2 * s, lanes = cn * 8, row = g->ncols * lanes;
     for (int64_t b = 0; b < 4; b++) {
         const int64_t ky = pool_frame(j, b, g->ratio, g->nfy);
         if (ky < 0) continue;
         float *line = L + (j * 4 + b) * row;
         for (int64_t e = 0; e < row; e++) line[e] = 0.0f;
-        for (int64_t jc = 0; jc < g->Jc; jc++)
+        for (int64_t jc = 0; jc < g->Jc; jc++) {
+            float gv[4][POOL_IMAGES * 8]; /* bin bx's gradient, 0 where no frame uses it */
+            int any = 0;
             for (int64_t bx = 0; bx < 4; bx++) {
                 const int64_t kx = pool_frame(jc, bx, g->ratio, g->nfx);
-                if (kx < 0) continue;
-                float gv[POOL_IMAGES * 8];
-                const float *src = ghist + ((ky * g->nfx + kx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
+                any |= kx >= 0;
+                const float *src = ghist + ((kx * (kx >= 0) + ky * g->nfx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
                 for (int64_t i = 0; i < cn; i++)
-                    for (int64_t t = 0; t < 8; t++) gv[i * 8 + t] = src[i * DSIFT_D + t];
-                for (int64_t q = 0; q < taps; q++) {
-                    float *m = line + pool_column(g, jc * s + q) * lanes;
-                    const float kq = kc[bx * taps + q];
-                    for (int64_t l = 0; l < lanes; l++) m[l] = fmaf(kq, gv[l], m[l]);
+                    for (int64_t t = 0; t < 8; t++) gv[bx][i * 8 + t] = kx >= 0 ? src[i * DSIFT_D + t] : 0.0f;
+            }
+            if (!any) continue;
+            for (int64_t q = 0; q < taps; q++) {
+                float *m = line + pool_column(g, jc * s + q) * lanes;
+                const float k0 = kc[q], k1 = kc[taps + q], k2 = kc[2 * taps + q], k3 = kc[3 * taps + q];
+                for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
+                    pool_v8 v = *(pool_v8u *)(m + l0);
+                    v += k0 * *(const pool_v8u *)(gv[0] + l0);
+                    v += k1 * *(const pool_v8u *)(gv[1] + l0);
+                    v += k2 * *(const pool_v8u *)(gv[2] + l0);
+                    v += k3 * *(const pool_v8u *)(gv[3] + l0);
+                    *(pool_v8u *)(m + l0) = v;
                 }
             }
+        }
     }
 }
 
@@ -1778,6 +1832,7 @@ static int pool_backward_rows(const float *pix, const float *L, float *dgx, floa
     float *G = malloc((size_t)((s + 1) * row + 2 * s) * sizeof(float));
     if (!G) return -1;
     float *sum = G + s * row, *zeros = sum + row; /* null taps */
+    const struct pool_interior in = pool_interior(g, cn);
     for (int64_t e = 0; e < 2 * s; e++) zeros[e] = 0.0f;
     int64_t block = -1;
     for (int64_t y = y0; y < y1; y++) {
@@ -1803,14 +1858,25 @@ static int pool_backward_rows(const float *pix, const float *L, float *dgx, floa
                 }
             }
         }
-        for (int64_t x = 0; x < g->W; x++) {
+        for (int64_t x = 0; x < g->W;) {
             const int64_t q = (y * g->W + x) * g->N + n0, c = x - g->xs;
             if (grad == NULL || c < 0 || c >= g->ncols) {
                 for (int64_t i = 0; i < cn; i++) dgx[q + i] = dgy[q + i] = 0.0f;
+                x++;
                 continue;
             }
             const struct dsift_taps taps = dsift_taps(y, x, g->H, g->W, g->N);
+            if (x == in.x0) { /* a run of columns with the same taps (pool_interior) */
+                const int64_t total = (in.x1 - in.x0) * cn;
+                for (int64_t e = 0; e < total; e += DSIFT_LANES)
+                    dsift_maps_block_backward(pix + q + e, grad + c * lanes + e * 8, &taps,
+                                              (int)(total - e < DSIFT_LANES ? total - e : DSIFT_LANES), k, dgx + q + e,
+                                              dgy + q + e);
+                x = in.x1;
+                continue;
+            }
             dsift_maps_block_backward(pix + q, grad + c * lanes, &taps, (int)cn, k, dgx + q, dgy + q);
+            x++;
         }
     }
     free(G);
@@ -1852,12 +1918,22 @@ int preimage_dsift_pool_backward(const float *pix, const float *ghist, float *gi
         for (int64_t y = 0; y < H; y++) {
             float *out = gimage + y * W * N;
             for (int64_t e = 0; e < W * N; e++) out[e] = 0.0f;
-            for (int64_t x = 0; x < W; x++) {
+            /* each sample receives two of these terms, so their order does not change the sum: the
+             * inner columns (the same taps) as one run */
+            const int64_t inner = W >= 3 ? W - 2 : 0;
+            for (int64_t x = 0; x < W; x += x == 0 && inner ? inner + 1 : 1) {
                 const struct dsift_taps t = dsift_taps(y, x, H, W, N);
                 const float *a = dgx + (y * W + x) * N;
                 float *after = out + x * N + t.xa, *before = out + x * N + t.xb;
                 for (int64_t n = 0; n < N; n++) after[n] += t.fx * a[n];
                 for (int64_t n = 0; n < N; n++) before[n] -= t.fx * a[n];
+            }
+            if (inner) {
+                const struct dsift_taps t = dsift_taps(y, 1, H, W, N);
+                const float *a = dgx + (y * W + 1) * N;
+                float *after = out + N + t.xa, *before = out + N + t.xb;
+                for (int64_t e = 0; e < inner * N; e++) after[e] += t.fx * a[e];
+                for (int64_t e = 0; e < inner * N; e++) before[e] -= t.fx * a[e];
             }
             for (int64_t yy = y > 0 ? y - 1 : 0; yy <= y + 1 && yy < H; yy++) {
                 const struct dsift_taps t = dsift_taps(yy, 0, H, W, N);
