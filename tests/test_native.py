@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,11 +285,63 @@ def test_hog_pools_in_c_as_in_torch(config: dict, threads: int, monkeypatch: pyt
     rep = HOG(**settings)
     x = torch.rand(3, rep.in_channels, *size) * 255
     scan = ("hog_orientations",) if rep.num_orientations > 1 or not config.get("bilinear_orientations") else ()
-    kernels = ("hog_pool", "hog_pool_backward", "hog_normalize", "hog_normalize_backward", *scan)
+    kernels = ("hog_pool", "hog_pool_backward", "hog_normalize", "hog_normalize_backward", "hog_differences",
+               "hog_differences_backward", *scan)
     (code, grad), (code_c, grad_c) = _torch_then_c(rep, x, kernels, monkeypatch)
     torch.testing.assert_close(code_c, code, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
     assert grad.abs().max() > 0
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+@pytest.mark.parametrize("channels", [1, 3], ids=["gray", "colour"])
+@pytest.mark.parametrize("size", [(13, 17), (6, 4)], ids=["13x17", "6x4"])
+def test_hog_differences_in_c_are_the_torch_arithmetic(channels: int, size: tuple[int, int], threads: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOG's central differences and the end of its backward pass in C (native.hog_differences,
+    hog_differences_backward) do hog.py's arithmetic in its order: the same differences, the same
+    channels (the first of equal ones: small integer images tie often), the same unit gradient,
+    and hog._backward's image gradient bit for bit, for HOG's and HOGb's terms (HOGb's ``across``
+    a tensor or a scalar), on flat regions (null gradients), odd sizes and images narrow enough that
+    every column is a border case."""
+    from preimage.representations import hog as hog_module
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 6, (2, channels, *size)).float()
+    x[0, :, 1:4] = 3.0  # flat: null gradients
+    x[1] += torch.rand(x[1].shape)
+    gx, gy, g2, selected = hog_module._central_differences(x)
+    c_gx, c_gy, c_g2, channel, ux, uy = native.hog_differences(x, unit=True)
+    assert torch.equal(c_gx, gx) and torch.equal(c_gy, gy) and torch.equal(c_g2, g2)
+    if channels == 1:
+        assert channel is None and selected is None
+    else:
+        assert channel is not None and selected is not None
+        assert torch.equal(torch.nn.functional.one_hot(channel.long(), channels).permute(0, 3, 1, 2).bool(), selected)
+        colour_g2 = hog_module._central_differences(x[:, :1])[2], hog_module._central_differences(x[:, 1:2])[2]
+        assert (colour_g2[0] == colour_g2[1]).sum() >= 4  # ties
+    magnitude = torch.from_numpy(np.sqrt(g2.numpy()))  # correctly rounded, as the C scan's |g| (torch's: not always)
+    inverse = magnitude.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
+    assert torch.equal(ux, gx * inverse) and torch.equal(uy, gy * inverse)
+    assert (g2 == 0).sum() >= 2 and bool((ux[g2 == 0] == 0).all())
+    for terms in ("hog", "hogb-tensor", "hogb-scalar"):
+        grad0, grad1, along, across_tensor = torch.randn(4, *gx.shape)
+        bilinear = terms != "hog"
+        along_or_none = along if bilinear else None
+        across = across_tensor if terms == "hogb-tensor" else 0.31831 if bilinear else None
+        pooled = [grad0, grad1] if bilinear else [grad0]
+        monkeypatch.setattr(hog_module, "_normalize_backward", lambda grad, *saved: grad)
+        monkeypatch.setattr(hog_module, "_pool_backward", lambda *args: [t.clone() for t in pooled])
+        results = []
+        for use_c in (False, True):
+            monkeypatch.setattr(native, "hog_applies", lambda t, use_c=use_c: use_c)
+            saved = hog_module._Saved(ux, uy, along_or_none, across, channel if use_c else selected, (), [], x)
+            out = torch.full_like(x, float("nan"))
+            hog_module._backward(x, saved, 8, 9, out)
+            results.append(out)
+        assert torch.equal(results[1], results[0]), terms
+        assert results[0].abs().max() > 0
 
 
 def _hard_gradients(k_or: int) -> tuple[torch.Tensor, torch.Tensor]:

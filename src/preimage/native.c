@@ -1005,6 +1005,165 @@ int preimage_lrn_backward(const void *x, const void *g, void *dx, int64_t N, int
     return lrn(x, g, dx, N, C, P, n, alpha, beta, k, bf16, nhwc, threads);
 }
 
+/* HOG's central differences (representations/hog.py, _central_differences) and the end of its
+ * backward pass (hog._backward after the pooling's transpose).
+ *
+ * Forward: at each interior pixel (i, x) of the (N, C, H, W) image, (H', W') = (H - 2, W - 2), each
+ * channel's gx = I(i, x + 1) - I(i, x - 1), gy = I(i + 1, x) - I(i - 1, x) and g2 = gx gx + gy gy (two
+ * rounded products and a rounded sum); the channel with the largest g2, the first on ties, gives
+ * gx, gy, g2 (N, H', W') and, where C > 1, channel (int32); with ux != NULL also the unit gradient
+ * u = g / max(sqrtf(g2), tiny) (hog._forward's, 0 at null gradients).
+ *
+ * Backward: from the gradients of the pooled terms' values, G_m = grad0 for |g| and, for HOGb,
+ * G_e = grad1 (else NULL), radial = G_m + G_e along and tangential = G_e across (across a tensor,
+ * or NULL for the scalar across_k), the gradient of g = (gx, gy) is radial u + tangential
+ * (-uy, ux), in hog._backward's order of operations (torch's addcmul_ rounds once: fmaf); the
+ * image's gradient out (N, C, H, W) is its central differences' adjoint, in the selected channel
+ * (channel, or the only one), each sample summed as _central_differences_adjoint does: + gx of its
+ * left neighbour, - gx of its right one, + gy of the one above, - gy of the one below.  Threads
+ * share rows.  The results are those of the PyTorch code, bit for bit. */
+int preimage_hog_differences(const float *image, int64_t N, int64_t C, int64_t H, int64_t W, float *gx, float *gy,
+                             float *g2, int32_t *channel, float *ux, float *uy, float tiny, int threads) {
+    const int64_t Hi = H - 2, Wi = W - 2;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t q = 0; q < N * Hi; q++) {
+        const int64_t n = q / Hi, i = q % Hi, o = q * Wi;
+        const float *p = image + (n * C * H + i + 1) * W + 1; /* channel 0, pixel (i + 1, 1) */
+        float *rx = gx + o, *ry = gy + o, *r2 = g2 + o;
+#pragma omp simd
+        for (int64_t x = 0; x < Wi; x++) {
+            const float a = p[x + 1] - p[x - 1], b = p[x + W] - p[x - W], sq = a * a;
+            rx[x] = a;
+            ry[x] = b;
+            r2[x] = sq + b * b;
+        }
+        if (channel)
+            for (int64_t x = 0; x < Wi; x++) channel[o + x] = 0;
+        for (int64_t c = 1; c < C; c++) {
+            const float *pc = p + c * H * W;
+#pragma omp simd
+            for (int64_t x = 0; x < Wi; x++) {
+                const float cx = pc[x + 1] - pc[x - 1], cy = pc[x + W] - pc[x - W];
+                float c2 = cx * cx;
+                c2 = c2 + cy * cy;
+                const int better = c2 > r2[x];
+                rx[x] = better ? cx : rx[x];
+                ry[x] = better ? cy : ry[x];
+                r2[x] = better ? c2 : r2[x];
+                channel[o + x] = better ? (int32_t)c : channel[o + x];
+            }
+        }
+        if (ux)
+#pragma omp simd
+            for (int64_t x = 0; x < Wi; x++) {
+                const float m = sqrtf(r2[x]), inverse = 1.0f / (m < tiny ? tiny : m);
+                ux[o + x] = rx[x] * inverse;
+                uy[o + x] = ry[x] * inverse;
+            }
+    }
+    return 0;
+}
+
+/* the gradient of g on one interior row (o: its offset, Wi pixels) into dx, dy */
+static inline void hog_gradient_row(const float *grad0, const float *grad1, const float *along, const float *across,
+                                    float across_k, const float *ux, const float *uy, int64_t o, int64_t Wi, float *dx,
+                                    float *dy) {
+    if (grad1) /* torch's addcmul_: one rounding (fmaf) */
+        for (int64_t x = 0; x < Wi; x++) {
+            const int64_t i = o + x;
+            const float radial = fmaf(grad1[i], along[i], grad0[i]);
+            const float tangential = grad1[i] * (across ? across[i] : across_k);
+            dx[x] = fmaf(-tangential, uy[i], radial * ux[i]);
+            dy[x] = fmaf(tangential, ux[i], radial * uy[i]);
+        }
+    else
+        for (int64_t x = 0; x < Wi; x++) {
+            dx[x] = grad0[o + x] * ux[o + x];
+            dy[x] = grad0[o + x] * uy[o + x];
+        }
+}
+
+static inline float hog_selected(const int32_t *channel, int64_t i, int64_t c, float v) {
+    return channel == NULL || channel[i] == c ? v : 0.0f;
+}
+
+/* sample x of an output row of channel c: + gx (row xr) of its left neighbour, - of its right one,
+ * + gy of the one above (row ya), - of the one below (yb); their channels cx, ca, cb (or NULL) */
+static inline float hog_adjoint_sample(const float *xr, const float *ya, const float *yb, const int32_t *cx,
+                                       const int32_t *ca, const int32_t *cb, int64_t c, int64_t x, int64_t W) {
+    float v = 0.0f;
+    if (x >= 2) v += hog_selected(cx, x - 2, c, xr[x - 2]);
+    if (x <= W - 3) v -= hog_selected(cx, x, c, xr[x]);
+    if (x >= 1 && x <= W - 2) {
+        v += hog_selected(ca, x - 1, c, ya[x - 1]);
+        v -= hog_selected(cb, x - 1, c, yb[x - 1]);
+    }
+    return v;
+}
+
+int preimage_hog_differences_backward(const float *grad0, const float *grad1, const float *along,
+                                      const float *across, float across_k, const float *ux, const float *uy,
+                                      const int32_t *channel, float *out, int64_t N, int64_t C, int64_t H, int64_t W,
+                                      int threads) {
+    const int64_t Hi = H - 2, Wi = W - 2;
+    if (threads < 1) threads = 1;
+    int64_t bands = (2 * threads + N - 1) / N; /* of output rows per image */
+    if (bands > H) bands = H;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t item = 0; item < N * bands; item++) {
+        const int64_t n = item / bands, band = item % bands, y0 = H * band / bands, y1 = H * (band + 1) / bands;
+        /* the gradients of g on interior rows r % 3 (a ring: rows y - 2 .. y), a zero row, the
+         * channels of a missing row */
+        float *rows = malloc((size_t)(7 * W) * sizeof(float));
+        int32_t *none = malloc((size_t)W * sizeof(int32_t));
+        if (!rows || !none) {
+            free(rows);
+            free(none);
+            failed = 1;
+            continue;
+        }
+        float *zeros = rows + 6 * W;
+        for (int64_t x = 0; x < W; x++) {
+            zeros[x] = 0.0f;
+            none[x] = -1;
+        }
+        for (int64_t r = y0 - 2 > 0 ? y0 - 2 : 0; r < y0 && r < Hi; r++)
+            hog_gradient_row(grad0, grad1, along, across, across_k, ux, uy, (n * Hi + r) * Wi, Wi, rows + (r % 3) * W,
+                             rows + (3 + r % 3) * W);
+        for (int64_t y = y0; y < y1; y++) {
+            if (y < Hi)
+                hog_gradient_row(grad0, grad1, along, across, across_k, ux, uy, (n * Hi + y) * Wi, Wi,
+                                 rows + (y % 3) * W, rows + (3 + y % 3) * W);
+            /* gx of interior row y - 1, gy of rows y - 2 (above) and y (below), where they exist */
+            const int hx = y >= 1 && y <= H - 2, ha = y >= 2, hb = y <= H - 3;
+            const float *xr = hx ? rows + ((y - 1) % 3) * W : zeros, *ya = ha ? rows + (3 + (y - 2) % 3) * W : zeros,
+                        *yb = hb ? rows + (3 + y % 3) * W : zeros;
+            const int32_t *cx = channel ? (hx ? channel + (n * Hi + y - 1) * Wi : none) : NULL,
+                          *ca = channel ? (ha ? channel + (n * Hi + y - 2) * Wi : none) : NULL,
+                          *cb = channel ? (hb ? channel + (n * Hi + y) * Wi : none) : NULL;
+            for (int64_t c = 0; c < C; c++) {
+                float *o = out + ((n * C + c) * H + y) * W;
+                for (int64_t x = 0; x < W && x < 2; x++) o[x] = hog_adjoint_sample(xr, ya, yb, cx, ca, cb, c, x, W);
+                if (channel) /* the middle: every neighbour exists (a missing row is zeros) */
+                    for (int64_t x = 2; x < W - 2; x++) {
+                        const float a = cx[x - 2] == c ? xr[x - 2] : 0.0f, b = cx[x] == c ? xr[x] : 0.0f;
+                        const float u = ca[x - 1] == c ? ya[x - 1] : 0.0f, d = cb[x - 1] == c ? yb[x - 1] : 0.0f;
+                        o[x] = ((a - b) + u) - d;
+                    }
+                else
+                    for (int64_t x = 2; x < W - 2; x++) o[x] = ((xr[x - 2] - xr[x]) + ya[x - 1]) - yb[x - 1];
+                for (int64_t x = W - 2 > 2 ? W - 2 : 2; x < W; x++)
+                    o[x] = hog_adjoint_sample(xr, ya, yb, cx, ca, cb, c, x, W);
+            }
+        }
+        free(rows);
+        free(none);
+    }
+    return failed ? -1 : 0;
+}
+
 /* HOG's spatial pooling (representations/hog.py, _pool) and its transpose (_pool_backward).
  *
  * Each interior pixel (i, x) of an image, (H', W') = (H - 2, W - 2), adds value_t * corner[2v + h]

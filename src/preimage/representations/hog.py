@@ -770,6 +770,8 @@ class _Saved(NamedTuple):
     along: Tensor | None
     across: Tensor | float | None
     selected: Tensor | None
+    """Colour images: each pixel's channel, a one-hot mask (:func:`_central_differences`) or its
+    index (int32, :func:`preimage.native.hog_differences`); ``None`` for gray images."""
     normalization: tuple[Tensor, ...]
     slots: list[Tensor]
     mixing: Tensor
@@ -784,7 +786,11 @@ def _forward(
     ``keep``."""
     n = image.shape[0]
     bilinear = any(codes)
-    gx, gy, g2, selected = _central_differences(image)
+    ux = uy = None
+    if native.hog_applies(image):  # in C: the differences, the selected channel and the unit gradient
+        gx, gy, g2, selected, ux, uy = native.hog_differences(image, keep is not None)
+    else:
+        gx, gy, g2, selected = _central_differences(image)
     o = _orientations(gx, gy, g2, k_or, bilinear)
     terms = [(o.slot, o.magnitude)] + ([(o.lower, o.term)] if bilinear else [])
     mixing = _tensor(_slot_mixing, (k_or, len(terms), codes), image.device, image.dtype)
@@ -792,12 +798,12 @@ def _forward(
     code, normalization = _normalize(hist.unflatten(1, (len(codes), 2 * k_or)), value, keep)
     if keep is None:
         return code, None
-    # the unit gradient, (0, 0) at null gradients; |ux|, |uy| <= 1 (no overflow)
-    inverse = o.magnitude.clamp_min(torch.finfo(image.dtype).tiny).reciprocal_()
     along, across = (o.along, o.across) if codes[keep] else (None, None)
     columns = mixing[:, keep * 2 * k_or : (keep + 1) * 2 * k_or]
     slots = [slot for slot, _ in terms]
-    ux, uy = gx.mul_(inverse), gy.mul_(inverse)
+    if ux is None or uy is None:  # the unit gradient, (0, 0) at null gradients; |ux|, |uy| <= 1 (no overflow)
+        inverse = o.magnitude.clamp_min(torch.finfo(image.dtype).tiny).reciprocal_()
+        ux, uy = gx.mul_(inverse), gy.mul_(inverse)
     return code, _Saved(ux, uy, along, across, selected, normalization, slots, columns)
 
 
@@ -807,6 +813,11 @@ def _backward(grad: Tensor, saved: _Saved, cell_size: int, k_or: int, out: Tenso
     n, _, height, width = out.shape
     grad_hist = _normalize_backward(grad, *saved.normalization)
     grad_terms = _pool_backward(grad_hist, saved.slots, (n, height, width), cell_size, k_or, saved.mixing)
+    if saved.selected is None or saved.selected.dtype == torch.int32:  # gray, or the channels chosen in C
+        if native.hog_applies(grad_terms[0]):  # the rest in C, in the same order of operations
+            native.hog_differences_backward(grad_terms[0], grad_terms[1] if saved.along is not None else None,
+                                            saved.along, saved.across, saved.ux, saved.uy, saved.selected, out)
+            return
     radial = grad_terms[0]  # coefficient of the unit gradient u
     if saved.along is not None:
         radial.addcmul_(grad_terms[1], saved.along)
