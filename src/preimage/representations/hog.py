@@ -98,6 +98,12 @@ size, device and dtype.
   (:func:`preimage.native.hog_normalize`), whose transpose recomputes it from the histogram
   (0.08 -> 0.01 ms per image forward, 0.07 -> 0.03 back).  With the three kernels the engine
   step is 0.39-0.40 ms per image.
+* The central differences (with the colour channel chosen per pixel and the unit gradient) and
+  the end of the backward pass (the unit-gradient arithmetic of :func:`_backward` and
+  :func:`_central_differences_adjoint`) are a dozen operations over image-sized tensors; on
+  the CPU in float32 each is one pass in C (:func:`preimage.native.hog_differences`,
+  :func:`~preimage.native.hog_differences_backward`), bit for bit the same arithmetic: the
+  engine step 0.39 -> 0.35 ms per image at 160², 16 images, 1.18 -> 0.95 ms for one image.
 """
 
 from __future__ import annotations
