@@ -149,6 +149,23 @@ def test_zero_norm_target_and_nan_input_are_clear_errors(rep):
         invert(rep, nan, settings=FAST)
 
 
+def test_an_energy_that_becomes_nan_stops_the_run_where_it_is_checked(rep):
+    """The energy is checked every ``callback_every`` iterations: a loss finite for 12 iterations,
+    then NaN, stops the run at iteration 20 with a one-line error naming it."""
+    from preimage import PreimageError
+    from preimage.engine import optimize
+
+    calls = []
+
+    def loss(code: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return code.float().pow(2).flatten(1).sum(1) * (1.0 if len(calls) <= 12 else float("nan"))
+
+    with pytest.raises(PreimageError, match="NaN or infinite at iteration 20$"):
+        optimize(rep, loss, (24, 24), [0], FAST, [Stage(40)], callback_every=10)
+    assert len(calls) == 20
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_invert_on_cuda_matches_the_cpu_quality(rep):
     img = photo(size=48)[None]

@@ -18,6 +18,7 @@ canvas-sized gradient is written.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -412,7 +413,7 @@ def optimize_batch(
                 t += 1
                 if t % callback_every == 0 or t == total:
                     means = energy[t - 1].mean(1).tolist()
-                    if not all(torch.isfinite(torch.tensor(means))):
+                    if not all(map(math.isfinite, means)):
                         raise PreimageError(f"the energy became NaN or infinite at iteration {t}")
                     if callback is not None:
                         callback(t, total, dict(zip(ENERGY_TERMS, means)))
