@@ -312,7 +312,7 @@ def test_hog_differences_in_c_are_the_torch_arithmetic(channels: int, size: tupl
     x[0, :, 1:4] = 3.0  # flat: null gradients
     x[1] += torch.rand(x[1].shape)
     gx, gy, g2, selected = hog_module._central_differences(x)
-    c_gx, c_gy, c_g2, channel, ux, uy = native.hog_differences(x, unit=True)
+    c_gx, c_gy, c_g2, channel = native.hog_differences(x)
     assert torch.equal(c_gx, gx) and torch.equal(c_gy, gy) and torch.equal(c_g2, g2)
     if channels == 1:
         assert channel is None and selected is None
@@ -322,8 +322,8 @@ def test_hog_differences_in_c_are_the_torch_arithmetic(channels: int, size: tupl
         colour_g2 = hog_module._central_differences(x[:, :1])[2], hog_module._central_differences(x[:, 1:2])[2]
         assert (colour_g2[0] == colour_g2[1]).sum() >= 4  # ties
     magnitude = torch.from_numpy(np.sqrt(g2.numpy()))  # correctly rounded, as the C scan's |g| (torch's: not always)
-    inverse = magnitude.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
-    assert torch.equal(ux, gx * inverse) and torch.equal(uy, gy * inverse)
+    inverse = magnitude.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()  # hog._forward's unit gradient
+    ux, uy = gx * inverse, gy * inverse
     assert (g2 == 0).sum() >= 2 and bool((ux[g2 == 0] == 0).all())
     for terms in ("hog", "hogb-tensor", "hogb-scalar"):
         grad0, grad1, along, across_tensor = torch.randn(4, *gx.shape)
@@ -335,12 +335,12 @@ def test_hog_differences_in_c_are_the_torch_arithmetic(channels: int, size: tupl
         monkeypatch.setattr(hog_module, "_pool_backward", lambda *args: [t.clone() for t in pooled])
         results = []
         for use_c in (False, True):
-            monkeypatch.setattr(native, "hog_applies", lambda t, use_c=use_c: use_c)
-            saved = hog_module._Saved(ux, uy, along_or_none, across, channel if use_c else selected, (), [], x)
+            saved = (hog_module._Saved(gx, gy, along_or_none, across, channel, (), [], x, magnitude) if use_c
+                     else hog_module._Saved(ux, uy, along_or_none, across, selected, (), [], x))
             out = torch.full_like(x, float("nan"))
             hog_module._backward(x, saved, 8, 9, out)
             results.append(out)
-        assert torch.equal(results[1], results[0]), terms
+        assert torch.equal(results[1], results[0]), terms  # the unit gradient formed in C, too
         assert results[0].abs().max() > 0
 
 

@@ -1011,19 +1011,20 @@ int preimage_lrn_backward(const void *x, const void *g, void *dx, int64_t N, int
  * Forward: at each interior pixel (i, x) of the (N, C, H, W) image, (H', W') = (H - 2, W - 2), each
  * channel's gx = I(i, x + 1) - I(i, x - 1), gy = I(i + 1, x) - I(i - 1, x) and g2 = gx gx + gy gy (two
  * rounded products and a rounded sum); the channel with the largest g2, the first on ties, gives
- * gx, gy, g2 (N, H', W') and, where C > 1, channel (int32); with ux != NULL also the unit gradient
- * u = g / max(sqrtf(g2), tiny) (hog._forward's, 0 at null gradients).
+ * gx, gy, g2 (N, H', W') and, where C > 1, channel (int32).
  *
  * Backward: from the gradients of the pooled terms' values, G_m = grad0 for |g| and, for HOGb,
  * G_e = grad1 (else NULL), radial = G_m + G_e along and tangential = G_e across (across a tensor,
  * or NULL for the scalar across_k), the gradient of g = (gx, gy) is radial u + tangential
- * (-uy, ux), in hog._backward's order of operations (torch's addcmul_ rounds once: fmaf); the
- * image's gradient out (N, C, H, W) is its central differences' adjoint, in the selected channel
- * (channel, or the only one), each sample summed as _central_differences_adjoint does: + gx of its
- * left neighbour, - gx of its right one, + gy of the one above, - gy of the one below.  Threads
- * share rows.  The results are those of the PyTorch code, bit for bit. */
+ * (-uy, ux), with u = g / max(|g|, tiny) the unit gradient (0 at null gradients) from the forward
+ * pass's g and |g| (the orientation scan's magnitude), in hog._backward's order of operations
+ * (torch's addcmul_ rounds once: fmaf); the image's gradient out (N, C, H, W) is its central
+ * differences' adjoint, in the selected channel (channel, or the only one), each sample summed as
+ * _central_differences_adjoint does: + gx of its left neighbour, - gx of its right one, + gy of
+ * the one above, - gy of the one below.  Threads share rows.  The results are those of the
+ * PyTorch code, bit for bit. */
 int preimage_hog_differences(const float *image, int64_t N, int64_t C, int64_t H, int64_t W, float *gx, float *gy,
-                             float *g2, int32_t *channel, float *ux, float *uy, float tiny, int threads) {
+                             float *g2, int32_t *channel, int threads) {
     const int64_t Hi = H - 2, Wi = W - 2;
     if (threads < 1) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -1054,34 +1055,32 @@ int preimage_hog_differences(const float *image, int64_t N, int64_t C, int64_t H
                 channel[o + x] = better ? (int32_t)c : channel[o + x];
             }
         }
-        if (ux)
-#pragma omp simd
-            for (int64_t x = 0; x < Wi; x++) {
-                const float m = sqrtf(r2[x]), inverse = 1.0f / (m < tiny ? tiny : m);
-                ux[o + x] = rx[x] * inverse;
-                uy[o + x] = ry[x] * inverse;
-            }
     }
     return 0;
 }
 
+/* what the backward pass reads per interior pixel (see above) */
+struct hog_terms {
+    const float *grad0, *grad1, *along, *across, *gx, *gy, *magnitude;
+    float across_k, tiny;
+};
+
 /* the gradient of g on one interior row (o: its offset, Wi pixels) into dx, dy */
-static inline void hog_gradient_row(const float *grad0, const float *grad1, const float *along, const float *across,
-                                    float across_k, const float *ux, const float *uy, int64_t o, int64_t Wi, float *dx,
-                                    float *dy) {
-    if (grad1) /* torch's addcmul_: one rounding (fmaf) */
-        for (int64_t x = 0; x < Wi; x++) {
-            const int64_t i = o + x;
-            const float radial = fmaf(grad1[i], along[i], grad0[i]);
-            const float tangential = grad1[i] * (across ? across[i] : across_k);
-            dx[x] = fmaf(-tangential, uy[i], radial * ux[i]);
-            dy[x] = fmaf(tangential, ux[i], radial * uy[i]);
+static inline void hog_gradient_row(const struct hog_terms *t, int64_t o, int64_t Wi, float *dx, float *dy) {
+    for (int64_t x = 0; x < Wi; x++) {
+        const int64_t i = o + x;
+        const float m = t->magnitude[i], inverse = 1.0f / (m < t->tiny ? t->tiny : m);
+        const float ux = t->gx[i] * inverse, uy = t->gy[i] * inverse;
+        if (t->grad1) { /* torch's addcmul_: one rounding (fmaf) */
+            const float radial = fmaf(t->grad1[i], t->along[i], t->grad0[i]);
+            const float tangential = t->grad1[i] * (t->across ? t->across[i] : t->across_k);
+            dx[x] = fmaf(-tangential, uy, radial * ux);
+            dy[x] = fmaf(tangential, ux, radial * uy);
+        } else {
+            dx[x] = t->grad0[i] * ux;
+            dy[x] = t->grad0[i] * uy;
         }
-    else
-        for (int64_t x = 0; x < Wi; x++) {
-            dx[x] = grad0[o + x] * ux[o + x];
-            dy[x] = grad0[o + x] * uy[o + x];
-        }
+    }
 }
 
 static inline float hog_selected(const int32_t *channel, int64_t i, int64_t c, float v) {
@@ -1103,10 +1102,11 @@ static inline float hog_adjoint_sample(const float *xr, const float *ya, const f
 }
 
 int preimage_hog_differences_backward(const float *grad0, const float *grad1, const float *along,
-                                      const float *across, float across_k, const float *ux, const float *uy,
-                                      const int32_t *channel, float *out, int64_t N, int64_t C, int64_t H, int64_t W,
-                                      int threads) {
+                                      const float *across, float across_k, const float *gx, const float *gy,
+                                      const float *magnitude, float tiny, const int32_t *channel, float *out,
+                                      int64_t N, int64_t C, int64_t H, int64_t W, int threads) {
     const int64_t Hi = H - 2, Wi = W - 2;
+    const struct hog_terms terms = {grad0, grad1, along, across, gx, gy, magnitude, across_k, tiny};
     if (threads < 1) threads = 1;
     int64_t bands = (2 * threads + N - 1) / N; /* of output rows per image */
     if (bands > H) bands = H;
@@ -1130,12 +1130,10 @@ int preimage_hog_differences_backward(const float *grad0, const float *grad1, co
             none[x] = -1;
         }
         for (int64_t r = y0 - 2 > 0 ? y0 - 2 : 0; r < y0 && r < Hi; r++)
-            hog_gradient_row(grad0, grad1, along, across, across_k, ux, uy, (n * Hi + r) * Wi, Wi, rows + (r % 3) * W,
-                             rows + (3 + r % 3) * W);
+            hog_gradient_row(&terms, (n * Hi + r) * Wi, Wi, rows + (r % 3) * W, rows + (3 + r % 3) * W);
         for (int64_t y = y0; y < y1; y++) {
             if (y < Hi)
-                hog_gradient_row(grad0, grad1, along, across, across_k, ux, uy, (n * Hi + y) * Wi, Wi,
-                                 rows + (y % 3) * W, rows + (3 + y % 3) * W);
+                hog_gradient_row(&terms, (n * Hi + y) * Wi, Wi, rows + (y % 3) * W, rows + (3 + y % 3) * W);
             /* gx of interior row y - 1, gy of rows y - 2 (above) and y (below), where they exist */
             const int hx = y >= 1 && y <= H - 2, ha = y >= 2, hb = y <= H - 3;
             const float *xr = hx ? rows + ((y - 1) % 3) * W : zeros, *ya = ha ? rows + (3 + (y - 2) % 3) * W : zeros,
@@ -1907,10 +1905,14 @@ pool_lines(const float *ghist, float *L, const struct dsift_grid *g, const float
             int any = 0;
             for (int64_t bx = 0; bx < 4; bx++) {
                 const int64_t kx = pool_frame(jc, bx, g->ratio, g->nfx);
-                any |= kx >= 0;
-                const float *src = ghist + ((kx * (kx >= 0) + ky * g->nfx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
+                if (kx < 0) {
+                    for (int64_t l = 0; l < lanes; l++) gv[bx][l] = 0.0f;
+                    continue;
+                }
+                any = 1;
+                const float *src = ghist + ((ky * g->nfx + kx) * g->N + n0) * DSIFT_D + 32 * b + 8 * bx;
                 for (int64_t i = 0; i < cn; i++)
-                    for (int64_t t = 0; t < 8; t++) gv[bx][i * 8 + t] = kx >= 0 ? src[i * DSIFT_D + t] : 0.0f;
+                    for (int64_t t = 0; t < 8; t++) gv[bx][i * 8 + t] = src[i * DSIFT_D + t];
             }
             if (!any) continue;
             for (int64_t q = 0; q < taps; q++) {

@@ -172,8 +172,8 @@ def library(quiet: bool = False) -> ctypes.CDLL | None:
         lib.preimage_lrn_backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, f32, f32, i32, i32, i32]
         lib.preimage_hog_pool.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
         lib.preimage_hog_pool_backward.argtypes = [p, p, p, p, p, p, p, p, *[i64] * 6, i32]
-        lib.preimage_hog_differences.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, f32, i32]
-        lib.preimage_hog_differences_backward.argtypes = [p, p, p, p, f32, p, p, p, p, i64, i64, i64, i64, i32]
+        lib.preimage_hog_differences.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
+        lib.preimage_hog_differences_backward.argtypes = [p, p, p, p, f32, p, p, p, f32, p, p, i64, i64, i64, i64, i32]
         lib.preimage_hog_orientations.argtypes = [p, p, p, p, i64, i64, p, p, p, p, p, i32]
         lib.preimage_hog_normalize.argtypes = [p, i64, p, i64, i64, i64, i64, f32, i32]
         lib.preimage_hog_normalize_backward.argtypes = [p, i64, p, p, i64, i64, i64, i64, f32, i32]
@@ -555,39 +555,38 @@ def hog_pool_backward(padded: Tensor, slots: list[Tensor], top: Tensor, left: Te
     return grads
 
 
-def hog_differences(image: Tensor, unit: bool
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+def hog_differences(image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """HOG's central differences (``hog._central_differences``) in one pass over the fp32
     ``(N, C, H, W)`` image: ``gx, gy, g2`` ``(N, H - 2, W - 2)`` of the channel with the largest
-    ``g2`` (the first on ties), that channel (int32, ``None`` for gray images) and, with ``unit``,
-    the unit gradient ``ux, uy`` (``g / max(|g|, tiny)``, as ``hog._forward``; else ``None``)."""
+    ``g2`` (the first on ties) and that channel (int32, ``None`` for gray images)."""
     lib = library(quiet=True)
     assert lib is not None
     image = image.contiguous()
     n, c, h, w = image.shape
     gx, gy, g2 = (torch.empty(n, h - 2, w - 2) for _ in range(3))
     channel = torch.empty(n, h - 2, w - 2, dtype=torch.int32) if c > 1 else None
-    ux, uy = (torch.empty(n, h - 2, w - 2), torch.empty(n, h - 2, w - 2)) if unit else (None, None)
-    lib.preimage_hog_differences(image.data_ptr(), n, c, h, w, *_pointers((gx, gy, g2, channel, ux, uy)),
-                                 torch.finfo(torch.float32).tiny, torch.get_num_threads())
-    return gx, gy, g2, channel, ux, uy
+    lib.preimage_hog_differences(image.data_ptr(), n, c, h, w, *_pointers((gx, gy, g2, channel)),
+                                 torch.get_num_threads())
+    return gx, gy, g2, channel
 
 
 def hog_differences_backward(grad0: Tensor, grad1: Tensor | None, along: Tensor | None, across: Tensor | float | None,
-                             ux: Tensor, uy: Tensor, channel: Tensor | None, out: Tensor) -> None:
+                             gx: Tensor, gy: Tensor, magnitude: Tensor, channel: Tensor | None, out: Tensor) -> None:
     """The transpose of HOG's orientation terms and central differences (``hog._backward`` after
     the pooling's transpose), written to the contiguous fp32 image gradient ``out``
     ``(N, C, H, W)``: from the gradients of the terms' values ``grad0`` (``|g|``) and ``grad1``
-    (HOGb's, with its ``along`` and ``across`` factors; ``None`` for HOG), the unit gradient
-    ``ux, uy`` and the selected ``channel`` of :func:`hog_differences`."""
+    (HOGb's, with its ``along`` and ``across`` factors; ``None`` for HOG), the forward pass's
+    gradient ``gx, gy`` and ``magnitude`` ``|g|`` (the unit gradient ``g / max(|g|, tiny)`` is
+    formed here) and the selected ``channel`` of :func:`hog_differences`."""
     lib = library(quiet=True)
     assert lib is not None and out.is_contiguous()
     n, c, h, w = out.shape
     across_t = across.contiguous() if isinstance(across, Tensor) else None
     across_k = float(across) if across is not None and across_t is None else 0.0
-    tensors = (grad0, grad1, along, across_t, ux, uy, channel)
-    g0, g1, al, ac, u, v, ch = (None if t is None else t.contiguous() for t in tensors)
-    if lib.preimage_hog_differences_backward(*_pointers((g0, g1, al, ac)), across_k, *_pointers((u, v, ch, out)),
+    tensors = (grad0, grad1, along, across_t, gx, gy, magnitude, channel)
+    g0, g1, al, ac, u, v, m, ch = (None if t is None else t.contiguous() for t in tensors)
+    if lib.preimage_hog_differences_backward(*_pointers((g0, g1, al, ac)), across_k, *_pointers((u, v, m)),
+                                             torch.finfo(torch.float32).tiny, *_pointers((ch, out)),
                                              n, c, h, w, torch.get_num_threads()) != 0:
         raise MemoryError("out of memory in the HOG differences kernel")
 

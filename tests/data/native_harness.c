@@ -35,10 +35,10 @@ int preimage_dsift_pool_backward(const float*, const float*, float*, int64_t, in
                                  const float*, int);
 int preimage_hog_orientations(const float*, const float*, const float*, const float*, int64_t, int64_t, int32_t*,
                               float*, int32_t*, float*, float*, int);
-int preimage_hog_differences(const float*, int64_t, int64_t, int64_t, int64_t, float*, float*, float*, int32_t*,
-                             float*, float*, float, int);
+int preimage_hog_differences(const float*, int64_t, int64_t, int64_t, int64_t, float*, float*, float*, int32_t*, int);
 int preimage_hog_differences_backward(const float*, const float*, const float*, const float*, float, const float*,
-                                      const float*, const int32_t*, float*, int64_t, int64_t, int64_t, int64_t, int);
+                                      const float*, const float*, float, const int32_t*, float*, int64_t, int64_t,
+                                      int64_t, int64_t, int);
 int preimage_hog_normalize(const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t, float, int);
 int preimage_hog_normalize_backward(const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                                     float, int);
@@ -125,15 +125,16 @@ int main(void){
   for (int q=0;q<4;q++) for (int64_t C=1; C<=3; C+=2) for (int T=1;T<=3;T++) for (int th=1; th<=5; th+=2) {
     int64_t H=fshapes[q][0], W=fshapes[q][1], N=2, P=N*(H-2)*(W-2);
     float *img=malloc(N*C*H*W*4), *out=malloc(N*C*H*W*4), *gx=malloc(P*4), *gy=malloc(P*4), *g2=malloc(P*4);
-    float *ux=malloc(P*4), *uy=malloc(P*4), *g0=malloc(P*4), *g1=malloc(P*4), *al=malloc(P*4), *ac=malloc(P*4);
+    float *mag=malloc(P*4), *g0=malloc(P*4), *g1=malloc(P*4), *al=malloc(P*4), *ac=malloc(P*4);
     int32_t *ch=malloc(P*4);
     for (int64_t i=0;i<N*C*H*W;i++) img[i]=(float)(rand()%5);
     for (int64_t i=0;i<P;i++){ g0[i]=rnd(); g1[i]=rnd(); al[i]=rnd(); ac[i]=rnd(); }
-    if (preimage_hog_differences(img,N,C,H,W,gx,gy,g2,C>1?ch:NULL,T>1?ux:NULL,T>1?uy:NULL,1.1754944e-38f,th)) return 1;
-    if (T==1) if (preimage_hog_differences(img,N,C,H,W,gx,gy,g2,C>1?ch:NULL,ux,uy,1.1754944e-38f,th)) return 1;
+    if (preimage_hog_differences(img,N,C,H,W,gx,gy,g2,C>1?ch:NULL,th)) return 1;
+    for (int64_t i=0;i<P;i++) mag[i]=sqrtf(g2[i]);
     for (int64_t i=0;i<P && C>1;i++) if (ch[i]<0 || ch[i]>=C) { puts("channel out of range"); return 1; }
-    if (preimage_hog_differences_backward(g0,T>1?g1:NULL,T>1?al:NULL,T==3?ac:NULL,0.7f,ux,uy,C>1?ch:NULL,out,N,C,H,W,th)) return 1;
-    free(img);free(out);free(gx);free(gy);free(g2);free(ux);free(uy);free(g0);free(g1);free(al);free(ac);free(ch);
+    if (preimage_hog_differences_backward(g0,T>1?g1:NULL,T>1?al:NULL,T==3?ac:NULL,0.7f,gx,gy,mag,1.1754944e-38f,
+                                          C>1?ch:NULL,out,N,C,H,W,th)) return 1;
+    free(img);free(out);free(gx);free(gy);free(g2);free(mag);free(g0);free(g1);free(al);free(ac);free(ch);
   }
   /* HOG's orientation scan: 1 to 200 pixels (partial blocks of lanes), K = 1 .. 9, HOG and HOGb,
    * null gradients, buffers of exactly their size */

@@ -98,8 +98,8 @@ size, device and dtype.
   (:func:`preimage.native.hog_normalize`), whose transpose recomputes it from the histogram
   (0.08 -> 0.01 ms per image forward, 0.07 -> 0.03 back).  With the three kernels the engine
   step is 0.39-0.40 ms per image.
-* The central differences (with the colour channel chosen per pixel and the unit gradient) and
-  the end of the backward pass (the unit-gradient arithmetic of :func:`_backward` and
+* The central differences (with the colour channel chosen per pixel) and the end of the
+  backward pass (the unit gradient and the arithmetic of :func:`_backward`, and
   :func:`_central_differences_adjoint`) are a dozen operations over image-sized tensors; on
   the CPU in float32 each is one pass in C (:func:`preimage.native.hog_differences`,
   :func:`~preimage.native.hog_differences_backward`), bit for bit the same arithmetic: the
@@ -773,6 +773,7 @@ class _Saved(NamedTuple):
 
     ux: Tensor
     uy: Tensor
+    """The unit gradient ``u``, or, with :attr:`magnitude`, the gradient ``g`` itself."""
     along: Tensor | None
     across: Tensor | float | None
     selected: Tensor | None
@@ -782,6 +783,9 @@ class _Saved(NamedTuple):
     slots: list[Tensor]
     mixing: Tensor
     """The gradient code's columns of the mixing matrix."""
+    magnitude: Tensor | None = None
+    """``|g|`` for the C kernel (:func:`preimage.native.hog_differences_backward`), which forms
+    ``u`` from ``g`` and ``|g|`` itself; ``None`` on the PyTorch path."""
 
 
 def _forward(
@@ -792,9 +796,9 @@ def _forward(
     ``keep``."""
     n = image.shape[0]
     bilinear = any(codes)
-    ux = uy = None
-    if native.hog_applies(image):  # in C: the differences, the selected channel and the unit gradient
-        gx, gy, g2, selected, ux, uy = native.hog_differences(image, keep is not None)
+    in_c = native.hog_applies(image)  # the differences and the backward pass's end in C
+    if in_c:
+        gx, gy, g2, selected = native.hog_differences(image)
     else:
         gx, gy, g2, selected = _central_differences(image)
     o = _orientations(gx, gy, g2, k_or, bilinear)
@@ -807,9 +811,11 @@ def _forward(
     along, across = (o.along, o.across) if codes[keep] else (None, None)
     columns = mixing[:, keep * 2 * k_or : (keep + 1) * 2 * k_or]
     slots = [slot for slot, _ in terms]
-    if ux is None or uy is None:  # the unit gradient, (0, 0) at null gradients; |ux|, |uy| <= 1 (no overflow)
-        inverse = o.magnitude.clamp_min(torch.finfo(image.dtype).tiny).reciprocal_()
-        ux, uy = gx.mul_(inverse), gy.mul_(inverse)
+    if in_c:  # the backward kernel forms the unit gradient from g and |g|
+        return code, _Saved(gx, gy, along, across, selected, normalization, slots, columns, o.magnitude)
+    # the unit gradient, (0, 0) at null gradients; |ux|, |uy| <= 1 (no overflow)
+    inverse = o.magnitude.clamp_min(torch.finfo(image.dtype).tiny).reciprocal_()
+    ux, uy = gx.mul_(inverse), gy.mul_(inverse)
     return code, _Saved(ux, uy, along, across, selected, normalization, slots, columns)
 
 
@@ -819,11 +825,10 @@ def _backward(grad: Tensor, saved: _Saved, cell_size: int, k_or: int, out: Tenso
     n, _, height, width = out.shape
     grad_hist = _normalize_backward(grad, *saved.normalization)
     grad_terms = _pool_backward(grad_hist, saved.slots, (n, height, width), cell_size, k_or, saved.mixing)
-    if saved.selected is None or saved.selected.dtype == torch.int32:  # gray, or the channels chosen in C
-        if native.hog_applies(grad_terms[0]):  # the rest in C, in the same order of operations
-            native.hog_differences_backward(grad_terms[0], grad_terms[1] if saved.along is not None else None,
-                                            saved.along, saved.across, saved.ux, saved.uy, saved.selected, out)
-            return
+    if saved.magnitude is not None:  # the rest in C (the forward's choice), in the same order of operations
+        native.hog_differences_backward(grad_terms[0], grad_terms[1] if saved.along is not None else None, saved.along,
+                                        saved.across, saved.ux, saved.uy, saved.magnitude, saved.selected, out)
+        return
     radial = grad_terms[0]  # coefficient of the unit gradient u
     if saved.along is not None:
         radial.addcmul_(grad_terms[1], saved.along)
