@@ -390,7 +390,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "quadratic": trace.quadratic,  # the loss came from AᵀA: Φ itself never ran (representations/affine.py)
         "compile_option": opts.compile,  # True / False as asked, None: the engine's default
         "graphed": trace.graphed,  # CUDA: the timed steps were replays of a recorded CUDA graph
-        "graph_option": opts.graph,  # --graph / --no-graph; None: the default (batches <= 32)
+        "graph_option": opts.graph,  # --graph / --no-graph; None: the default (recorded)
         "warmup": warmup,
         "iterations_timed": iters,
         "engine_s_per_img_iter": engine * per_img,
@@ -618,8 +618,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "default: the engine's default (fused on the CPU where the C kernels build)")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: record the engine step as a CUDA graph and replay it at every batch size "
-                        "(preimage.graphs) or, --no-graph, launch every step from Python; default: recorded for "
-                        "batches up to preimage.graphs.MAX_BATCH (sets PREIMAGE_CUDA_GRAPHS for the run)")
+                        "(preimage.graphs) or, --no-graph, launch every step from Python; default: the engine's "
+                        "(recorded unless PREIMAGE_CUDA_GRAPHS=0; the flag sets it for the run)")
     p.add_argument("--full", action="store_true", help="really run the 350-iteration inversion for CNNs too")
     p.add_argument("--quick", action="store_true", help="smoke test: few iterations, batch 1, early layers, fp32")
     p.add_argument("--peak-size", type=int, help="side of the peak matrix product (default 4096; --quick: 1024)")

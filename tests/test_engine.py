@@ -255,38 +255,37 @@ def test_each_seed_jitters_by_its_own_draws_step_by_step(monkeypatch: pytest.Mon
     assert seen == expected
 
 
-def test_cuda_graphs_are_wanted_on_cuda_for_small_batches_unless_told(monkeypatch):
+def test_cuda_graphs_are_wanted_on_cuda_unless_told(monkeypatch):
     from preimage import graphs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    big = graphs.MAX_BATCH + 1
+    monkeypatch.setattr(graphs, "_default", None)
     monkeypatch.delenv("PREIMAGE_CUDA_GRAPHS", raising=False)
-    assert graphs.wanted(None, cuda, 1) and graphs.wanted(None, cuda, graphs.MAX_BATCH)
-    assert not graphs.wanted(None, cuda, big) and graphs.wanted(True, cuda, big)
-    assert not graphs.wanted(False, cuda, 1)
-    assert not graphs.wanted(None, cpu, 1) and not graphs.wanted(True, cpu, 1)
-    monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
-    assert not graphs.wanted(None, cuda, 1) and graphs.wanted(True, cuda, 1)
+    assert graphs.wanted(None, cuda) and graphs.wanted(True, cuda)
+    assert not graphs.wanted(False, cuda)
+    assert not graphs.wanted(None, cpu) and not graphs.wanted(True, cpu)
+    for off in ("0", "false", "No", " off "):
+        monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", off)
+        assert not graphs.wanted(None, cuda) and graphs.wanted(True, cuda)
     monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "on")
-    assert graphs.wanted(None, cuda, big) and not graphs.wanted(False, cuda, big)
+    assert graphs.wanted(None, cuda) and not graphs.wanted(False, cuda)
 
 
 def test_the_process_default_for_cuda_graphs_comes_before_the_environment(monkeypatch):
     """graphs.set_default (the CLI's --cuda-graphs / --no-cuda-graphs) decides for runs that do
-    not say, over PREIMAGE_CUDA_GRAPHS and the batch size; None hands back to them."""
+    not say, over PREIMAGE_CUDA_GRAPHS; None hands back to it."""
     from preimage import graphs
 
     cuda = torch.device("cuda")
-    big = graphs.MAX_BATCH + 1
     monkeypatch.setattr(graphs, "_default", None)
     monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
     graphs.set_default(True)
-    assert graphs.wanted(None, cuda, big) and not graphs.wanted(False, cuda, 1)
-    assert not graphs.wanted(None, torch.device("cpu"), 1)
+    assert graphs.wanted(None, cuda) and not graphs.wanted(False, cuda)
+    assert not graphs.wanted(None, torch.device("cpu"))
     monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "1")
     graphs.set_default(False)
-    assert not graphs.wanted(None, cuda, 1) and graphs.wanted(True, cuda, big)
+    assert not graphs.wanted(None, cuda) and graphs.wanted(True, cuda)
     graphs.set_default(None)
-    assert graphs.wanted(None, cuda, big)
-    monkeypatch.delenv("PREIMAGE_CUDA_GRAPHS")
-    assert graphs.wanted(None, cuda, 1) and not graphs.wanted(None, cuda, big)
+    assert graphs.wanted(None, cuda)
+    monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
+    assert not graphs.wanted(None, cuda)

@@ -302,15 +302,15 @@ long_compile_opt = click.option(
          "cached by torch). On by default for this long-running command; PREIMAGE_COMPILE=0 also turns "
          "it off.")
 def _set_graphs(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool | None:
-    graphs.set_default(value)  # None: PREIMAGE_CUDA_GRAPHS, else batches up to graphs.MAX_BATCH
+    graphs.set_default(value)  # None: PREIMAGE_CUDA_GRAPHS, else on
     return value
 
 
 graphs_opt = click.option(
     "--cuda-graphs/--no-cuda-graphs", default=None, expose_value=False, callback=_set_graphs,
     help="On a GPU, record each stage's step as a CUDA graph after a few eager iterations and replay it "
-         "(the same results, up to 14x faster at small batches). Default: for batches up to 32, or as "
-         "PREIMAGE_CUDA_GRAPHS says. Ignored on the CPU.")
+         "(the same results, up to 14x faster at small batches). Default: on, unless PREIMAGE_CUDA_GRAPHS=0. "
+         "Ignored on the CPU.")
 common_opt = [
     click.option("--C", "C", type=float, default=100.0, show_default=True, help="Loss weight C of eq. (1)."),
     click.option("--iterations", type=click.IntRange(0), default=300, show_default=True, help="Iterations at eta0."),

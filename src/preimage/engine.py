@@ -293,7 +293,7 @@ def optimize_batch(
             CPU when the C kernels are available.  False: plain PyTorch operations.
         graph: on CUDA, record each stage's step as a CUDA graph after a few eager iterations
             and replay it (:mod:`preimage.graphs`; same results).  None: ``PREIMAGE_CUDA_GRAPHS``
-            if set, else for batches of up to :data:`preimage.graphs.MAX_BATCH`.  Ignored off CUDA.
+            if set, else yes.  Ignored off CUDA.
     """
     N, C = len(seeds), representation.in_channels
     H, W = size
@@ -385,7 +385,7 @@ def optimize_batch(
     total = sum(s.iterations for s in stages)
     energy = torch.zeros(total, len(ENERGY_TERMS), N, device=device)
     centre_off = torch.full((N, 2), centre, dtype=torch.long)
-    recording = graphs.wanted(graph, device, N)  # CUDA: each stage's step recorded once, then replayed
+    recording = graphs.wanted(graph, device)  # CUDA: each stage's step recorded once, then replayed
     replayed = False  # whether any step was replayed
     t = 0
     for stage in stages:
@@ -393,8 +393,8 @@ def optimize_batch(
         jittered = stage.jitter and T > 1  # the stage's shifts drawn at once: the same numbers as step by step
         shifts = torch.stack([torch.randint(0, T, (stage.iterations, 2), generator=g) for g in gens], 1) \
             if jittered else centre_off.expand(stage.iterations, N, 2)
-        if recording:  # offsets read on the device, never looked at by the host
-            shifts = shifts.to(device)
+        if recording and jittered:  # offsets read on the device, never looked at by the host
+            shifts = shifts.to(device)  # (a stage without jitter keeps one host offset: a plain slice, no gather)
         replay = None
         side = graphs.side_stream(device) if recording else None
         for i in range(stage.iterations):

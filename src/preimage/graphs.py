@@ -20,11 +20,18 @@ Measured on an H200 (benchmarks/README.md, "CUDA graphs"): the engine step 3-14x
 image at batch 1 and 1.0-10x at batch 16 (HOG 160² at batch 16: 0.61 -> 0.06 ms per image;
 AlexNet conv3 in bf16: 0.22 -> 0.06; VGG-VD-16 conv3_3 and fc8, already GPU-bound: no change).
 
+At batch 128, where the GPU itself is the bottleneck, the record is 0.5-4 % faster than the
+eager step (every layer of SqueezeNet, AlexNet and VGG-VD-16 in the benchmark, bf16).  It once
+measured 8-22 % slower on first layers: their stages have no jitter (T = 1), the eager step cut
+the window with a plain slice while the recorded one gathered it at device offsets (two index
+kernels, 0.4 ms of 2.4 at AlexNet conv1); a stage without jitter now keeps its one offset on
+the host, recorded or not.
+
 Where recording fails (a representation that reads a value back to the host inside Φ, an
-operation CUDA graphs refuse) the engine warns once per process and goes on eagerly.  By
-default only batches of up to :data:`MAX_BATCH` are recorded; ``optimize(..., graph=True /
-False)`` decides for a call, :func:`set_default` (the CLI's ``--cuda-graphs`` /
-``--no-cuda-graphs``) or ``PREIMAGE_CUDA_GRAPHS=1`` / ``0`` for the process.
+operation CUDA graphs refuse) the engine warns once per process and goes on eagerly.
+``optimize(..., graph=True / False)`` decides for a call, :func:`set_default` (the CLI's
+``--cuda-graphs`` / ``--no-cuda-graphs``) or ``PREIMAGE_CUDA_GRAPHS=1`` / ``0`` for the process;
+by default every CUDA step is recorded.
 """
 
 from __future__ import annotations
@@ -42,28 +49,19 @@ WARMUP = 3
 _warned = False
 
 
-MAX_BATCH = 32
-"""The largest batch recorded by default.  Measured on an H200 in bf16: recording made the step
-1.2-10x faster per image at batch 16 (the GPU waits on Python), and 8-22 % slower at batch 128
-on first layers (the GPU is the bottleneck there; SqueezeNet conv1, AlexNet conv1, VGG-VD-16
-conv1_1, interleaved runs).  32 is between the two, where AlexNet conv1's step still costs less
-GPU time than Python takes to launch it."""
-
-
 _default: bool | None = None  # set_default's value (the CLI's --cuda-graphs); None: the environment decides
 
 
 def set_default(on: bool | None) -> None:
     """Whether runs that do not say (``graph=None``) record their CUDA steps: always (True),
-    never (False), or as ``PREIMAGE_CUDA_GRAPHS`` and the batch size say (None)."""
+    never (False), or as ``PREIMAGE_CUDA_GRAPHS`` says (None)."""
     global _default
     _default = None if on is None else bool(on)
 
 
-def wanted(graph: bool | None, device: torch.device, batch: int = 1) -> bool:
-    """Whether to record the step of a ``batch``: ``graph`` if given; else :func:`set_default`'s
-    value; else what ``PREIMAGE_CUDA_GRAPHS`` says (0 / false / no / off: never; 1 / true / yes /
-    on: always); else for batches of at most :data:`MAX_BATCH`.  Never off a CUDA device."""
+def wanted(graph: bool | None, device: torch.device) -> bool:
+    """Whether to record the step: ``graph`` if given; else :func:`set_default`'s value; else
+    not if ``PREIMAGE_CUDA_GRAPHS`` says 0 / false / no / off; else yes.  Never off a CUDA device."""
     if device.type != "cuda":
         return False
     if graph is not None:
@@ -71,9 +69,7 @@ def wanted(graph: bool | None, device: torch.device, batch: int = 1) -> bool:
     if _default is not None:
         return _default
     said = os.environ.get("PREIMAGE_CUDA_GRAPHS", "").strip().lower()
-    if said in ("0", "false", "no", "off"):
-        return False
-    return said in ("1", "true", "yes", "on") or batch <= MAX_BATCH
+    return said not in ("0", "false", "no", "off")
 
 
 class RecordedStep:
