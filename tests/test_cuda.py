@@ -22,7 +22,7 @@ from preimage.objectives import L2Loss
 from preimage.representations import make_representation
 from preimage.representations import input_conv
 
-from .conftest import photo
+from .conftest import photo, tiny_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -307,3 +307,33 @@ def test_a_stage_without_jitter_is_recorded_with_a_plain_slice(monkeypatch, dete
     assert torch.equal(graphed.x, eager.x)
     jittered = optimize(rep, loss, (64, 64), [0, 1], PAPER, [Stage(8)], device="cuda", graph=True)
     assert jittered.graphed and gathered
+
+
+def test_the_output_bias_moves_into_the_target_with_the_same_results(monkeypatch):
+    """On CUDA the engine inverts a cut that ends at a biased convolution without that bias,
+    against Φ0 - b (engine.output_bias_in_target; ATen adds a cuDNN convolution's bias in a pass
+    of its own): the same energies and image as with the bias in the code (strict fp32)."""
+    from preimage import engine
+    from preimage.representations.cnn import ModuleCut
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_cnn(3)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias.uniform_(-2, 2)
+    rep = ModuleCut(model, "3", mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2)).cuda()
+    with torch.no_grad():
+        target = rep(rep.preprocess(photo("coffee", 64)[None].cuda()))
+    loss = L2Loss(target.expand(2, *target.shape[1:]).contiguous())
+    fold = engine.output_bias_in_target
+    folded_flags = []
+    monkeypatch.setattr(engine, "output_bias_in_target",
+                        lambda p, l, d: (lambda out: folded_flags.append(out[0] is not p) or out)(fold(p, l, d)))
+    folded = optimize(rep, loss, (64, 64), [0, 1], PAPER, [Stage(12)], device="cuda", graph=False)
+    monkeypatch.setattr(engine, "output_bias_in_target", lambda p, l, d: (p, l))
+    plain = optimize(rep, loss, (64, 64), [0, 1], PAPER, [Stage(12)], device="cuda", graph=False)
+    assert folded_flags == [True]
+    for term in ("loss", "total"):
+        torch.testing.assert_close(folded.energy[term], plain.energy[term], rtol=1e-4, atol=1e-7)
+    assert relative(folded.x, plain.x) < 1e-4

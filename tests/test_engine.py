@@ -289,3 +289,78 @@ def test_the_process_default_for_cuda_graphs_comes_before_the_environment(monkey
     assert graphs.wanted(None, cuda)
     monkeypatch.setenv("PREIMAGE_CUDA_GRAPHS", "0")
     assert not graphs.wanted(None, cuda)
+
+
+def _biased_cut(layer: str = "3") -> ModuleCut:
+    model = tiny_cnn(3)
+    with torch.no_grad():  # biases far from zero, so that leaving one out shows
+        for m in model:
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias.uniform_(-2, 2)
+    return ModuleCut(model, layer, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2)).for_optimization()
+
+
+def test_a_cut_without_its_output_bias_is_the_cut_minus_the_bias():
+    """ModuleCut.without_output_bias: cut(x) + b == Φ(x); Φ keeps its bias, also after the cut's
+    own stop (an exception) and after a failing call; None where the cut is not a convolution."""
+    rep = _biased_cut("3")
+    x = torch.randn(2, 3, 32, 32) * 50
+    expected = rep(x)
+    cut, bias = rep.without_output_bias()
+    code = cut(x)
+    assert code.shape == expected.shape and not torch.allclose(code, expected, atol=0.1)
+    torch.testing.assert_close(code + bias.view(1, -1, 1, 1), expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError):  # raised inside the model: too small for its pooling
+        cut(torch.randn(2, 3, 2, 2))
+    torch.testing.assert_close(rep(x), expected, rtol=0, atol=0)  # the shared module has its bias back
+    assert cut.without_output_bias() is None  # already without it
+    assert _biased_cut("4").without_output_bias() is None  # a ReLU
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad((cut(x) * code).sum(), x)
+    (ref,) = torch.autograd.grad((rep(x) * code).sum(), x)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_shifted_l2_loss_is_the_loss_of_the_shifted_code(masked):
+    """L2Loss.shifted(b)(c) == loss(c + b), values and gradients, the normalization kept."""
+    from preimage.objectives import L2Loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 5, 4, 6, generator=g)
+    mask = (torch.rand(3, 5, 4, 6, generator=g) > 0.3).float() if masked else None
+    loss = L2Loss(target, mask)
+    bias = torch.randn(5, generator=g) * 3
+    code = torch.randn(3, 5, 4, 6, generator=g)
+    shifted = loss.shifted(bias)
+    torch.testing.assert_close(shifted(code), loss(code + bias.view(1, -1, 1, 1)))
+    value, grad = shifted.value_and_grad(code, weight=7.0)
+    ref_value, ref_grad = loss.value_and_grad(code + bias.view(1, -1, 1, 1), weight=7.0)
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(loss.target, target, rtol=0, atol=0)  # the original is untouched
+
+
+def test_the_engine_moves_the_output_bias_into_the_target_on_cuda_only():
+    """engine.output_bias_in_target: on CUDA, an L2 loss of a cut ending at a biased convolution
+    becomes the bias-free cut against Φ0 - b (the same loss and gradient); on the CPU, for a ReLU
+    cut or another loss, (phi, loss) as given.  Checked on CPU tensors (only the device's kind decides)."""
+    from preimage.engine import output_bias_in_target
+    from preimage.objectives import InnerProductLoss, L2Loss
+
+    rep = _biased_cut("3")
+    photos = torch.rand(2, 3, 32, 32) * 255
+    loss = L2Loss(rep(photos).detach())
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert output_bias_in_target(rep, loss, cpu) == (rep, loss)
+    relu_cut = _biased_cut("4")
+    assert output_bias_in_target(relu_cut, L2Loss(relu_cut(photos).detach()), cuda)[0] is relu_cut
+    other = InnerProductLoss(torch.ones_like(loss.target), torch.ones(2))
+    assert output_bias_in_target(rep, other, cuda) == (rep, other)
+    cut, shifted = output_bias_in_target(rep, loss, cuda)
+    assert cut is not rep and shifted is not loss
+    x = (torch.randn(2, 3, 32, 32) * 40).requires_grad_(True)
+    value, g_code = shifted.value_and_grad(cut(x).detach(), weight=3.0)
+    ref_value, ref_g = loss.value_and_grad(rep(x).detach(), weight=3.0)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_code, ref_g, rtol=1e-4, atol=1e-7)

@@ -126,6 +126,17 @@ class L2Loss:
         part._cache = {}
         return part
 
+    def shifted(self, offset: Tensor) -> "L2Loss":
+        """This loss for codes that lack a per-channel ``offset`` ``(C,)`` (a convolution's bias:
+        :meth:`~preimage.representations.cnn.ModuleCut.without_output_bias`):
+        ``shifted(b)(c) == self(c + b)``, the target ``Φ0 - b`` and the normalization
+        ``||Φ0 ⊙ M||²`` kept."""
+        part = object.__new__(L2Loss)
+        shape = (1, -1) + (1,) * (self.target.dim() - 2)
+        part.target = self.target - offset.detach().to(self.target.device, self.target.dtype).view(shape)
+        part.mask, part.norm2, part._cache = self.mask, self.norm2, {}
+        return part
+
     def _target_like(self, code: Tensor) -> Tensor:
         """The target in the code's dtype and memory layout (converted once, then cached with
         :meth:`value_and_grad`'s scales)."""
