@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,7 +51,7 @@ class _ToCompute(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _bias_left_out(conv: nn.Module):  # type: ignore[no-untyped-def]
+def _bias_left_out(conv: nn.Module) -> Iterator[None]:
     """``conv`` computes without its bias inside the block (:meth:`ModuleCut.without_output_bias`);
     the bias is back afterwards, also when the block raises (as the cut's own stop does)."""
     bias = conv.bias
