@@ -22,22 +22,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Case, build_representation, sample_photos  # noqa: E402
+from run import Case, case_problem  # noqa: E402
 
 from preimage.engine import Stage, optimize  # noqa: E402
-from preimage.objectives import L2Loss  # noqa: E402
 from preimage.defaults import PAPER  # noqa: E402
 
 
 def profile_case(case: Case, graph: bool, warmup: int, iters: int) -> dict:
     """Kernel GPU time per step (name -> ms) and wall ms per step of ``iters`` steps after ``warmup``."""
     device = torch.device("cuda")
-    rep, _ = build_representation(case)
-    rep = rep.to(device)
-    photos = sample_photos(case.batch, case.size).to(device)
-    with torch.no_grad():
-        target = rep(rep.preprocess(photos)).float()
-    loss = L2Loss(target)
+    rep, _, _, loss = case_problem(case, device)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                               torch.profiler.ProfilerActivity.CPU])
     events: dict[str, torch.cuda.Event] = {}

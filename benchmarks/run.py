@@ -219,6 +219,18 @@ def build_representation(case: Case, force_random_squeezenet: bool = False) -> t
     return loaded.representation(case.layer, precision=case.precision), weights
 
 
+def case_problem(case: Case, device: torch.device, force_random_squeezenet: bool = False
+                 ) -> tuple[Representation, str, Tensor, L2Loss]:
+    """``case``'s representation on ``device``, its weights' kind, the photos and the inversion
+    loss of their codes (what every measurement of a case starts from)."""
+    rep, weights = build_representation(case, force_random_squeezenet)
+    rep = rep.to(device)
+    photos = sample_photos(case.batch, case.size).to(device)
+    with torch.no_grad():
+        target = rep(rep.preprocess(photos)).float()
+    return rep, weights, photos, L2Loss(target)
+
+
 def sample_photos(batch: int, size: int) -> Tensor:
     """``batch`` copies of scikit-image's astronaut, centre-cropped and resized to ``size`` (RGB, [0, 1])."""
     try:
@@ -352,12 +364,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     rss_before = max_rss_mb()
-    rep, weights = build_representation(case, opts.random_squeezenet)
-    rep = rep.to(device)
-    photos = sample_photos(case.batch, case.size).to(device)
-    with torch.no_grad():
-        target = rep(rep.preprocess(photos)).float()
-    loss = L2Loss(target)
+    rep, weights, photos, loss = case_problem(case, device, opts.random_squeezenet)
     iters = opts.shallow_iters if case.shallow else opts.iters
     warmup = max(1, opts.warmup)
 
@@ -384,7 +391,7 @@ def run_case(case: Case, opts: argparse.Namespace) -> Record:
         "device": str(device),
         "representation": getattr(rep, "name", case.family),
         "weights": weights,
-        "code_shape": list(target.shape[1:]),
+        "code_shape": list(loss.target.shape[1:]),
         "threads": torch.get_num_threads(),
         "compiled": trace.compiled,  # the step ran fused (C kernels on CPU, else torch.compile)
         "quadratic": trace.quadratic,  # the loss came from AᵀA: Φ itself never ran (representations/affine.py)

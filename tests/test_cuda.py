@@ -119,11 +119,16 @@ def test_bf16_first_convolution_on_cuda_uses_its_fast_backward(model, how, monke
     assert relative(grads[1], grads[0]) < 2e-2
 
 
-def test_compiled_engine_step_on_cuda_follows_the_eager_one():
+def _hog_problem(n: int):
+    """HOG on the GPU and the inversion loss of a 64 x 64 photo's code, for ``n`` seeds."""
     rep = make_representation("hog").to("cuda")
     with torch.no_grad():
         target = rep(rep.preprocess(photo("coffee", 64)[None].cuda())).float()
-    loss = L2Loss(target.expand(3, *target.shape[1:]).contiguous())
+    return rep, L2Loss(target.expand(n, *target.shape[1:]).contiguous())
+
+
+def test_compiled_engine_step_on_cuda_follows_the_eager_one():
+    rep, loss = _hog_problem(3)
     stages = [Stage(6), Stage(3, lr_factor=0.1, jitter=False)]
     eager = optimize(rep, loss, (64, 64), [0, 1, 2], PAPER, stages, device="cuda", compile=False)
     with warnings.catch_warnings():
@@ -226,10 +231,7 @@ def test_recorded_hog_step_follows_the_eager_one(compile, deterministic):
     the central crop.  Deterministic algorithms: HOG's ``index_add_`` sums in no fixed order on
     CUDA otherwise, so that two eager runs differ too (on an H200, by up to 2.6 at one pixel of
     ~100 after 20 steps: a pixel near an orientation-bin boundary can go either way)."""
-    rep = make_representation("hog").to("cuda")
-    with torch.no_grad():
-        target = rep(rep.preprocess(photo("coffee", 64)[None].cuda())).float()
-    loss = L2Loss(target.expand(3, *target.shape[1:]).contiguous())
+    rep, loss = _hog_problem(3)
     stages = [Stage(12), Stage(8, lr_factor=0.1, jitter=False)]
     graphed, eager = _graph_and_eager(rep, loss, (64, 64), [0, 1, 2], stages, compile=compile)
     assert graphed.graphed and not eager.graphed and graphed.compiled == eager.compiled == compile
@@ -298,10 +300,7 @@ def test_a_stage_without_jitter_is_recorded_with_a_plain_slice(monkeypatch, dete
     gathered = []
     gather = objectives.gather_crop
     monkeypatch.setattr(objectives, "gather_crop", lambda *args: gathered.append(1) or gather(*args))
-    rep = make_representation("hog").to("cuda")
-    with torch.no_grad():
-        target = rep(rep.preprocess(photo("coffee", 64)[None].cuda())).float()
-    loss = L2Loss(target.expand(2, *target.shape[1:]).contiguous())
+    rep, loss = _hog_problem(2)
     graphed, eager = _graph_and_eager(rep, loss, (64, 64), [0, 1], [Stage(8, jitter=False)])
     assert graphed.graphed and not gathered
     assert torch.equal(graphed.x, eager.x)

@@ -237,14 +237,9 @@ def output_bias_in_target(phi: Callable[[Tensor], Tensor], loss: Loss,
     the bias and the loss against ``Φ0 - b``, the same values and gradient with one pass less
     over the code per step (:meth:`~preimage.representations.cnn.ModuleCut.without_output_bias`).
     Elsewhere, or for any other Φ or loss, ``(phi, loss)`` as given."""
-    dropped = getattr(phi, "without_output_bias", None)
-    if device.type != "cuda" or type(loss) is not L2Loss or dropped is None:
-        return phi, loss
-    cut_and_bias = dropped()
-    if cut_and_bias is None:
-        return phi, loss
-    cut, bias = cut_and_bias
-    return cut, loss.shifted(bias)
+    drop = getattr(phi, "without_output_bias", None)
+    found = drop() if drop is not None and device.type == "cuda" and type(loss) is L2Loss else None
+    return (found[0], loss.shifted(found[1])) if found is not None else (phi, loss)
 
 
 def _data_term(phi: Callable[[Tensor], Tensor], encode_crops: Callable[..., Tensor] | None, loss: Loss,
