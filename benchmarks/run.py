@@ -488,6 +488,37 @@ def machine_info(device: torch.device) -> Record:
 # ------------------------------------------------------------------------------------ targets
 
 
+ROUND_FIELDS = ("engine_s_per_img_iter", "bare_s_per_img_iter", "ratio_engine_bare", "full_inversion_s_per_img",
+                "peak_memory_mb", "wall_s")
+"""What each round of a case keeps in its merged record's ``rounds`` (see :func:`merge_rounds`)."""
+
+
+def merge_rounds(records: Sequence[Record]) -> Record:
+    """One record from the rounds of one case (``--rounds``): the rounds that did not fail, with
+    the engine and bare times their medians, the engine / bare ratio the median of each round's
+    own ratio (both measured in one process, close in time), and everything derived from the
+    times recomputed from the medians; each round's figures kept in ``rounds``, failed rounds
+    counted in ``rounds_failed``.  All rounds failed: the last round's error record."""
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return {**records[-1], "rounds_failed": len(records)}
+    merged = dict(ok[0])
+    engine = statistics.median(r["engine_s_per_img_iter"] for r in ok)
+    bare = statistics.median(r["bare_s_per_img_iter"] for r in ok)
+    merged.update(engine_s_per_img_iter=engine, bare_s_per_img_iter=bare,
+                  ratio_engine_bare=statistics.median(r["ratio_engine_bare"] for r in ok),
+                  peak_memory_mb=max(r["peak_memory_mb"] for r in ok), wall_s=sum(r["wall_s"] for r in ok))
+    full = statistics.median(r["full_inversion_s_per_img"] for r in ok) if not merged["estimated"] \
+        else FULL_ITERATIONS * engine
+    merged.update(full_inversion_s_per_img=full, inversions_per_s=1.0 / full)
+    gflop = merged.get("gflop_per_img_iter")
+    if gflop is not None:
+        merged.update(gflops_engine=gflop / engine, gflops_bare=gflop / bare)
+    merged["rounds"] = [{k: r[k] for k in ROUND_FIELDS} for r in ok]
+    merged["rounds_failed"] = len(records) - len(ok)
+    return merged
+
+
 def _target(tid: str, text: str, checks: list[Record], threshold: float, better: str) -> Record:
     """Aggregate per-item ``checks`` (each with a ``value``) into one PASS / FAIL / SKIP target."""
     ok = (lambda v: v <= threshold) if better == "lower" else (lambda v: v >= threshold)
@@ -554,8 +585,10 @@ def _num(value: float | None, scale: float = 1.0, digits: int = 3, prefix: str =
     return prefix + (f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}")
 
 
-def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dict[str, float]) -> None:
-    """The results table and the targets section (rich)."""
+def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dict[str, float],
+                 by_round: Sequence[Sequence[Record]] | None = None) -> None:
+    """The results table and the targets section (rich); with ``--rounds``, how far the rounds
+    spread and each target's verdict in every round (``by_round``)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -584,6 +617,12 @@ def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dic
                       "(representations/affine.py); its GFLOP/s and % peak count Φ's arithmetic all the same")
     console.print("peak (the better of a matrix product and a 3x3 convolution): "
                   + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()))
+    spreads = [(max(e) - min(e)) / statistics.median(e) for r in records if len(r.get("rounds", [])) > 1
+               for e in [[x["engine_s_per_img_iter"] for x in r["rounds"]]]]
+    if spreads:
+        n = max(len(r.get("rounds", [])) for r in records)
+        console.print(f"times: medians of {n} rounds; the engine step's spread across rounds (max - min) / "
+                      f"median: median {100 * statistics.median(spreads):.0f} %, worst {100 * max(spreads):.0f} %")
     console.print("\n[bold]targets[/bold]")
     colour = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
     for t in targets:
@@ -597,6 +636,9 @@ def print_report(records: Sequence[Record], targets: Sequence[Record], peak: dic
                 line += f"; failing {len(t['failing'])}/{len(t['checks'])}: {shown}"
         else:
             line += f": {t['note']}"
+        verdicts = [v["status"] for round_ in by_round or [] for v in round_ if v["id"] == t["id"]]
+        if verdicts and t["status"] != "SKIP":
+            line += f" (rounds: {' '.join(verdicts)})"
         console.print(line, highlight=False)
 
 
@@ -633,6 +675,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-reps", type=int, help="timed repetitions of each peak kernel (default 5, cuda 20)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every process (default: torch's)")
     p.add_argument("--random-squeezenet", action="store_true", help="random SqueezeNet weights even if shared")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every case this many times, a round over all cases at a time, and report "
+                        "medians (default 1)")
     p.add_argument("--case-timeout", type=float, default=3600.0, help="seconds allowed to one case")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     p.add_argument("--in-process", action="store_true",
@@ -663,6 +708,8 @@ def apply_defaults(opts: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--precision: unknown {', '.join(sorted(bad))} (fp32, bf16)")
     if min(opts.iters, opts.shallow_iters) < 1:
         raise SystemExit("--iters and --shallow-iters must be at least 1")
+    if opts.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     return opts
 
 
@@ -753,21 +800,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload: Record = {**meta, "peak_gflops": peak, "peak_matmul_size": opts.peak_size, "peak_kernels": kernels,
                        "complete": False, "cases": [], "targets": []}
 
-    for i, case in enumerate(cases, 1):
-        console.print(f"[{i}/{len(cases)}] {case.id} ...", end=" ", highlight=False)
-        record = run_here(case, opts) if opts.in_process else run_in_subprocess(case, opts)
-        gflops = record.get("gflops_engine")
-        record["pct_of_peak"] = None if gflops is None else 100 * gflops / peak[case.precision]
-        payload["cases"].append(record)
-        write_json(opts.out, payload)
-        console.print(f"[red]{record['error']}[/red]" if "error" in record
-                      else f"{1e3 * record['engine_s_per_img_iter']:.3g} ms/img/iter", highlight=False)
+    measured: list[list[Record]] = [[] for _ in cases]  # each case's rounds so far
+    for round_ in range(1, opts.rounds + 1):  # rounds outermost: a case's repeats lie apart in time
+        for i, case in enumerate(cases, 1):
+            where = f"[{i}/{len(cases)}]" if opts.rounds == 1 else f"[round {round_}/{opts.rounds}, {i}/{len(cases)}]"
+            console.print(f"{where} {case.id} ...", end=" ", highlight=False)
+            record = run_here(case, opts) if opts.in_process else run_in_subprocess(case, opts)
+            measured[i - 1].append(record)
+            console.print(f"[red]{record['error']}[/red]" if "error" in record
+                          else f"{1e3 * record['engine_s_per_img_iter']:.3g} ms/img/iter", highlight=False)
+            payload["cases"] = [merge_rounds(rounds) if opts.rounds > 1 else rounds[0] for rounds in measured if rounds]
+            for merged in payload["cases"]:
+                gflops = merged.get("gflops_engine")
+                merged["pct_of_peak"] = None if gflops is None else 100 * gflops / peak[merged["precision"]]
+            payload["rounds_done"] = round_ - 1 + (i == len(cases))
+            write_json(opts.out, payload)
 
     payload["targets"] = evaluate_targets(payload["cases"])
+    if opts.rounds > 1:  # how firm each verdict is: the targets of every round on its own
+        payload["targets_by_round"] = [[{k: t.get(k) for k in ("id", "status", "value", "worst")}
+                                        for t in evaluate_targets([rounds[r] for rounds in measured])]
+                                       for r in range(opts.rounds)]
     payload["complete"] = True
     payload["wall_s"] = time.time() - started
     write_json(opts.out, payload)
-    print_report(payload["cases"], payload["targets"], peak)
+    print_report(payload["cases"], payload["targets"], peak, payload.get("targets_by_round"))
     console.print(f"wrote {opts.out} ({payload['wall_s']:.0f} s)")
     return 0
 
