@@ -211,13 +211,16 @@ def test_large_buffers_are_reused_without_page_faults() -> None:
         torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
 
     faults = []
-    for _ in range(8):
+    for _ in range(24):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         touch()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    # the heap settles within the first few reuses (on this VM: 0-2 cycles of 16384 faults, then
-    # none); without the setting every cycle faults all 16384 pages
-    assert sorted(faults)[len(faults) // 2] < 2000 and faults[-1] < 2000, faults
+    # the heap settles within the first few reuses: while something allocated after a freed block
+    # keeps it from the heap's top, the next block (a little larger, for its alignment) is taken
+    # above it, until freed neighbours merge (on this VM 1-7 cycles of 16384 faults, depending on
+    # what the process allocated before), then none; without the setting every cycle faults all
+    # 16384 pages
+    assert max(faults[-8:]) < 2000, faults
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
