@@ -809,10 +809,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             measured[i - 1].append(record)
             console.print(f"[red]{record['error']}[/red]" if "error" in record
                           else f"{1e3 * record['engine_s_per_img_iter']:.3g} ms/img/iter", highlight=False)
-            payload["cases"] = [merge_rounds(rounds) if opts.rounds > 1 else rounds[0] for rounds in measured if rounds]
-            for merged in payload["cases"]:
-                gflops = merged.get("gflops_engine")
-                merged["pct_of_peak"] = None if gflops is None else 100 * gflops / peak[merged["precision"]]
+            merged = merge_rounds(measured[i - 1]) if opts.rounds > 1 else record
+            gflops = merged.get("gflops_engine")
+            merged["pct_of_peak"] = None if gflops is None else 100 * gflops / peak[case.precision]
+            if round_ == 1:
+                payload["cases"].append(merged)
+            else:
+                payload["cases"][i - 1] = merged
             payload["rounds_done"] = round_ - 1 + (i == len(cases))
             write_json(opts.out, payload)
 

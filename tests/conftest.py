@@ -22,6 +22,18 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMAGENET = SHARED / "images" / "imagenet-sample"
 
 
+def benchmark_module():
+    """``benchmarks/run.py`` (a script, not part of the package) as a module, loaded once."""
+    import importlib.util
+    import sys
+
+    if "preimage_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("preimage_bench", Path(__file__).parents[1] / "benchmarks" / "run.py")
+        module = sys.modules["preimage_bench"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["preimage_bench"]
+
+
 def photo(name: str = "astronaut", size: int = 64) -> torch.Tensor:
     """A bundled scikit-image photo, shorter side resized to ``size``, centre-cropped, (3, s, s) in [0, 1]."""
     from skimage import data

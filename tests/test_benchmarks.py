@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,16 +34,6 @@ def test_benchmark_smoke_run_writes_complete_json(tmp_path: Path, where: list[st
     assert len(data["targets"]) == 5
 
 
-def _bench_module():
-    """benchmarks/run.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preimage_bench", ROOT / "benchmarks" / "run.py")
-    bench = sys.modules["preimage_bench"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def _round(engine: float, bare: float, ratio: float, full: float = 1.0) -> dict:
     return {"id": "alexnet/conv3@227:fp32:b16", "precision": "fp32", "estimated": True, "gflop_per_img_iter": 2.0,
             "engine_s_per_img_iter": engine, "bare_s_per_img_iter": bare, "ratio_engine_bare": ratio,
@@ -52,7 +44,7 @@ def test_rounds_merge_into_medians() -> None:
     """--rounds: the engine and bare times are the medians over the rounds that did not fail,
     the ratio the median of each round's own ratio, derived figures recomputed from the medians;
     a case that failed in every round keeps its error."""
-    bench = _bench_module()
+    bench = benchmark_module()
     failed = {"id": "alexnet/conv3@227:fp32:b16", "precision": "fp32", "error": "killed"}
     rounds = [_round(3.0, 2.0, 1.5), failed, _round(1.0, 4.0, 0.25), _round(2.0, 1.0, 2.0)]
     merged = bench.merge_rounds(rounds)

@@ -22,7 +22,7 @@ from preimage.objectives import L2Loss
 from preimage.representations import make_representation
 from preimage.representations import input_conv
 
-from .conftest import photo, tiny_cnn
+from .conftest import benchmark_module, photo, tiny_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -245,14 +245,7 @@ def test_recorded_hog_step_follows_the_eager_one(compile, deterministic):
 def test_recorded_cnn_step_follows_the_eager_one(model, layer, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     if model == "squeezenet":  # random weights, from the benchmark suite's prototxt
-        import importlib.util
-        import sys
-        from pathlib import Path
-
-        spec = importlib.util.spec_from_file_location("preimage_bench", Path(__file__).parents[1] / "benchmarks" / "run.py")
-        bench = sys.modules["preimage_bench"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        (tmp_path / "deploy.prototxt").write_text(bench.squeezenet_prototxt())
+        (tmp_path / "deploy.prototxt").write_text(benchmark_module().squeezenet_prototxt())
         model = tmp_path / "deploy.prototxt"
     rep = load_model(model).representation(layer, precision="bf16").to("cuda")
     x0 = rep.preprocess(torch.stack([photo("astronaut", 227), photo("chelsea", 227)])).cuda()
